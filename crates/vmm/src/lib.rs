@@ -7,3 +7,7 @@
 pub mod arch;
 pub mod config;
 pub mod rpc;
+pub mod devices;
+pub mod metrics;
+pub mod vstate;
+pub mod builder;

@@ -1,0 +1,349 @@
+//! Turning a validated [`VmConfig`] into a running VM: memory, kernel, devices, ACPI tables,
+//! boot parameters and vCPU threads, in that order.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_ioctls::{IoEventAddress, VcpuFd};
+use linux_loader::cmdline::Cmdline;
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::acpi::{self, MmioDeviceInfo};
+use crate::arch::x86_64::boot;
+use crate::arch::x86_64::cpuid::{self, Topology};
+use crate::arch::x86_64::layout::*;
+use crate::config::{DriveConfig, VmConfig};
+use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_SIZE};
+use crate::devices::legacy::cmos::{Cmos, CMOS_PORT, CMOS_PORT_COUNT};
+use crate::devices::legacy::i8042::{I8042, I8042_PORT, I8042_PORT_COUNT};
+use crate::devices::legacy::serial::{SerialConsole, COM1_PORT, COM1_PORT_COUNT};
+use crate::devices::legacy::IrqLine;
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
+use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
+use crate::devices::Bus;
+use crate::metrics::BlockMetrics;
+use crate::vstate::exit::ExitSignal;
+use crate::vstate::vcpu::{self, VcpuRuntime, Vcpus};
+use crate::vstate::vm::Vm;
+
+/// Kernel command line used when the client gives none (Firecracker's default).
+pub const DEFAULT_BOOT_ARGS: &str =
+    "reboot=k panic=1 pci=off nomodule 8250.nr_uarts=0 i8042.noaux i8042.nomux i8042.dumbkbd";
+
+/// Why the VM could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// KVM VM creation or memory registration failed.
+    #[error(transparent)]
+    Vm(#[from] crate::vstate::vm::VmError),
+    /// The kernel or initrd could not be opened.
+    #[error("cannot open {what} {path}: {source}")]
+    Open {
+        /// Which file.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Loading the kernel or writing boot structures failed.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// The ACPI tables could not be written.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    /// A device could not be set up.
+    #[error("device setup failed: {0}")]
+    Device(String),
+    /// A vCPU could not be created or configured.
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::VcpuError),
+    /// CPUID could not be built.
+    #[error(transparent)]
+    Cpuid(#[from] cpuid::CpuidError),
+    /// The command line could not be built.
+    #[error("invalid kernel command line: {0}")]
+    Cmdline(String),
+}
+
+/// Where guest serial output goes.
+#[derive(Clone, Debug, Default)]
+pub enum SerialOutput {
+    /// The VMM process's stdout.
+    #[default]
+    Stdout,
+    /// A file (created or appended to).
+    File(PathBuf),
+    /// Discarded.
+    Sink,
+}
+
+/// Process-level options that are not part of the VM configuration.
+#[derive(Clone, Debug, Default)]
+pub struct VmmOptions {
+    /// Instance id reported by `GET /`.
+    pub id: String,
+    /// Whether the boot-timer device exists.
+    pub boot_timer: bool,
+    /// Serial output destination.
+    pub serial_output: SerialOutput,
+}
+
+/// A block device and its transport-side handle.
+pub struct AttachedDrive {
+    /// The drive's configuration as attached.
+    pub config: DriveConfig,
+    /// The device.
+    pub device: Arc<Mutex<Block>>,
+    /// Its counters.
+    pub metrics: Arc<BlockMetrics>,
+}
+
+/// A booted VM and the handles the event loop needs.
+pub struct RunningVm {
+    /// Keeps the VM (and so every KVM resource) alive.
+    pub vm: Vm,
+    /// Guest memory; must outlive the VM's memory slots.
+    pub memory: GuestMemoryMmap,
+    /// The vCPU threads.
+    pub vcpus: Vcpus,
+    /// The serial console (for stdin input).
+    pub serial: Arc<Mutex<SerialConsole>>,
+    /// The i8042 (for Ctrl-Alt-Del).
+    pub i8042: Arc<Mutex<I8042>>,
+    /// Block devices in slot order.
+    pub drives: Vec<AttachedDrive>,
+}
+
+fn serial_writer(output: &SerialOutput) -> Result<Box<dyn Write + Send>, StartError> {
+    Ok(match output {
+        SerialOutput::Stdout => Box::new(std::io::stdout()),
+        SerialOutput::Sink => Box::new(std::io::sink()),
+        SerialOutput::File(path) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| StartError::Open {
+                    what: "serial output file",
+                    path: path.clone(),
+                    source,
+                })?,
+        ),
+    })
+}
+
+fn irq_line(vm: &Vm, irq: u32) -> Result<EventFd, StartError> {
+    let fd = EventFd::new(libc::EFD_NONBLOCK)
+        .map_err(|e| StartError::Device(format!("eventfd for IRQ {irq}: {e}")))?;
+    vm.fd
+        .register_irqfd(&fd, irq)
+        .map_err(|e| StartError::Device(format!("irqfd for IRQ {irq}: {e}")))?;
+    Ok(fd)
+}
+
+fn device_err(e: impl std::fmt::Display) -> StartError {
+    StartError::Device(e.to_string())
+}
+
+/// Drives in attachment order: the root device first (it becomes /dev/vda), then the rest as
+/// the client added them.
+pub fn ordered_drives(drives: &[DriveConfig]) -> Vec<DriveConfig> {
+    let mut ordered: Vec<DriveConfig> = drives.iter().filter(|d| d.is_root_device).cloned().collect();
+    ordered.extend(drives.iter().filter(|d| !d.is_root_device).cloned());
+    ordered
+}
+
+/// Builds the kernel command line: the client's arguments, the root device, and one
+/// `virtio_mmio.device=` entry per virtio-mmio slot.
+pub fn build_cmdline(config: &VmConfig, devices: &[MmioDeviceInfo]) -> Result<Cmdline, StartError> {
+    let err = |e: linux_loader::cmdline::Error| StartError::Cmdline(e.to_string());
+    let args = config
+        .boot_source
+        .as_ref()
+        .and_then(|b| b.boot_args.clone())
+        .unwrap_or_else(|| DEFAULT_BOOT_ARGS.to_string());
+    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(err)?;
+    let (boot_args, init_args) = match args.split_once(" -- ") {
+        Some((boot, init)) => (boot.to_string(), Some(init.to_string())),
+        None => (args, None),
+    };
+    if !boot_args.trim().is_empty() {
+        cmdline.insert_str(boot_args.trim()).map_err(err)?;
+    }
+    if let Some(root) = config.drives.iter().find(|d| d.is_root_device) {
+        let device = match &root.partuuid {
+            Some(uuid) => format!("root=PARTUUID={uuid}"),
+            None => "root=/dev/vda".to_string(),
+        };
+        cmdline.insert_str(device).map_err(err)?;
+        cmdline
+            .insert_str(if root.is_read_only { "ro" } else { "rw" })
+            .map_err(err)?;
+    }
+    for device in devices {
+        cmdline
+            .add_virtio_mmio_device(
+                device.size,
+                vm_memory::GuestAddress(device.address),
+                device.irq,
+                None,
+            )
+            .map_err(err)?;
+    }
+    if let Some(init) = init_args {
+        cmdline.insert_init_args(init).map_err(err)?;
+    }
+    Ok(cmdline)
+}
+
+/// Builds and starts the VM described by `config`.
+pub fn start_vm(
+    config: &VmConfig,
+    options: &VmmOptions,
+    exit: &ExitSignal,
+    start_time: (Instant, u64),
+) -> Result<RunningVm, StartError> {
+    let boot_source = config
+        .boot_source
+        .as_ref()
+        .ok_or_else(|| StartError::Device("no boot source".into()))?;
+    let machine = &config.machine_config;
+    let vm = Vm::new()?;
+    let memory = vm.create_memory(machine.mem_size_mib, machine.track_dirty_pages)?;
+    let mem_end = memory.last_addr().raw_value() + 1;
+
+    let open = |what, path: &PathBuf| {
+        File::open(path).map_err(|source| StartError::Open {
+            what,
+            path: path.clone(),
+            source,
+        })
+    };
+    let mut kernel = open("kernel image", &boot_source.kernel_image_path)?;
+    let entry = boot::load_kernel(&memory, &mut kernel)?;
+
+    // Legacy devices on the port bus.
+    let mut pio = Bus::new();
+    let serial = Arc::new(Mutex::new(SerialConsole::new(
+        IrqLine(irq_line(&vm, SERIAL_IRQ)?),
+        serial_writer(&options.serial_output)?,
+    )));
+    pio.insert(serial.clone(), COM1_PORT, COM1_PORT_COUNT)
+        .map_err(device_err)?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        IrqLine(irq_line(&vm, I8042_IRQ)?),
+        exit.clone(),
+    )));
+    pio.insert(i8042.clone(), I8042_PORT, I8042_PORT_COUNT)
+        .map_err(device_err)?;
+    pio.insert(Arc::new(Mutex::new(Cmos::default())), CMOS_PORT, CMOS_PORT_COUNT)
+        .map_err(device_err)?;
+
+    // MMIO devices: the boot timer, then one virtio-mmio slot per drive.
+    let mut mmio = Bus::new();
+    if options.boot_timer {
+        let timer = BootTimer::new(start_time.0, start_time.1);
+        mmio.insert(Arc::new(Mutex::new(timer)), BOOT_TIMER_START, BOOT_TIMER_SIZE)
+            .map_err(device_err)?;
+    }
+    let drives_config = ordered_drives(&config.drives);
+    if drives_config.len() as u64 > VIRTIO_MMIO_SLOTS {
+        return Err(StartError::Device(format!(
+            "{} drives given, at most {VIRTIO_MMIO_SLOTS} virtio devices fit",
+            drives_config.len()
+        )));
+    }
+    let mut drives = Vec::new();
+    let mut device_infos = Vec::new();
+    for (slot, drive) in drives_config.iter().enumerate() {
+        let metrics = Arc::new(BlockMetrics::default());
+        let block = Block::new(
+            &drive.drive_id,
+            &drive.path_on_host,
+            drive.is_read_only,
+            drive.cache_type,
+            metrics.clone(),
+        )
+        .map_err(device_err)?;
+        let info = MmioDeviceInfo {
+            address: VIRTIO_MMIO_START + slot as u64 * VIRTIO_MMIO_SIZE,
+            size: VIRTIO_MMIO_SIZE,
+            irq: VIRTIO_IRQ_BASE + slot as u32,
+        };
+        for (queue, event) in block.queue_events().iter().enumerate() {
+            vm.fd
+                .register_ioevent(
+                    event,
+                    &IoEventAddress::Mmio(info.address + NOTIFY_REG_OFFSET),
+                    queue as u32,
+                )
+                .map_err(|e| StartError::Device(format!("ioeventfd for {}: {e}", drive.drive_id)))?;
+        }
+        let interrupt = Arc::new(VirtioInterrupt::new(irq_line(&vm, info.irq)?));
+        let device = Arc::new(Mutex::new(block));
+        let transport = MmioTransport::new(device.clone(), memory.clone(), interrupt);
+        mmio.insert(Arc::new(Mutex::new(transport)), info.address, info.size)
+            .map_err(device_err)?;
+        drives.push(AttachedDrive {
+            config: drive.clone(),
+            device,
+            metrics,
+        });
+        device_infos.push(info);
+    }
+
+    let cmdline = build_cmdline(config, &device_infos)?;
+    boot::load_cmdline(&memory, &cmdline)?;
+    let cmdline_len = cmdline
+        .as_cstring()
+        .map(|c| c.as_bytes().len())
+        .map_err(|e| StartError::Cmdline(e.to_string()))?;
+    let initrd = match &boot_source.initrd_path {
+        Some(path) => {
+            let mut file = open("initrd", path)?;
+            Some(boot::load_initrd(&memory, &mut file, entry.kernel_end)?)
+        }
+        None => None,
+    };
+    acpi::write_tables(&memory, machine.vcpu_count, &device_infos)?;
+    boot::write_boot_params(&memory, &entry, cmdline_len, initrd)?;
+
+    let base_cpuid = cpuid::supported(&vm.kvm)?;
+    let topology = Topology {
+        vcpu_count: machine.vcpu_count,
+        smt: machine.smt,
+    };
+    let mut vcpu_fds: Vec<VcpuFd> = Vec::with_capacity(machine.vcpu_count as usize);
+    for index in 0..machine.vcpu_count {
+        let fd = vm.fd.create_vcpu(index as u64).map_err(|source| vcpu::VcpuError::Kvm {
+            index,
+            what: "KVM_CREATE_VCPU",
+            source,
+        })?;
+        let boot = (index == 0).then_some((entry.mode, entry.address));
+        vcpu::configure(&fd, index, &base_cpuid, topology, &memory, mem_end, boot)?;
+        vcpu_fds.push(fd);
+    }
+    let vcpus = Vcpus::start(
+        vcpu_fds,
+        VcpuRuntime {
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            exit: exit.clone(),
+        },
+    )?;
+    Ok(RunningVm {
+        vm,
+        memory,
+        vcpus,
+        serial,
+        i8042,
+        drives,
+    })
+}

@@ -1,0 +1,60 @@
+//! Counters the VMM keeps and writes as JSON lines to the metrics path (`PUT /metrics`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde_json::{json, Value};
+
+/// Per-drive counters.
+#[derive(Debug, Default)]
+pub struct BlockMetrics {
+    read_count: AtomicU64,
+    read_bytes: AtomicU64,
+    write_count: AtomicU64,
+    write_bytes: AtomicU64,
+    flush_count: AtomicU64,
+    io_errors: AtomicU64,
+    invalid_requests: AtomicU64,
+}
+
+impl BlockMetrics {
+    /// A completed read of `bytes`.
+    pub fn add_read(&self, bytes: u64) {
+        self.read_count.fetch_add(1, Ordering::Relaxed);
+        self.read_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A completed write of `bytes`.
+    pub fn add_write(&self, bytes: u64) {
+        self.write_count.fetch_add(1, Ordering::Relaxed);
+        self.write_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A flush request.
+    pub fn inc_flush(&self) {
+        self.flush_count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request answered with an I/O error.
+    pub fn inc_error(&self) {
+        self.io_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A malformed chain or ring.
+    pub fn inc_invalid(&self) {
+        self.invalid_requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counters as JSON.
+    pub fn to_json(&self) -> Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "read_count": get(&self.read_count),
+            "read_bytes": get(&self.read_bytes),
+            "write_count": get(&self.write_count),
+            "write_bytes": get(&self.write_bytes),
+            "flush_count": get(&self.flush_count),
+            "io_errors": get(&self.io_errors),
+            "invalid_requests": get(&self.invalid_requests),
+        })
+    }
+}

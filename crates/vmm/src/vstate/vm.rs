@@ -1,0 +1,115 @@
+//! The KVM VM: its file descriptor, in-kernel interrupt controllers, PIT and guest memory.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::arch::x86_64::boot::memory_regions;
+
+/// Where KVM puts the three pages it needs for real-mode TSS emulation: inside the MMIO gap,
+/// clear of every device.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Why the VM could not be created or given memory.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm: {0} (is KVM available, and may this user open /dev/kvm?)")]
+    OpenKvm(kvm_ioctls::Error),
+    /// The running kernel's KVM API is not the stable version 12.
+    #[error("unsupported KVM API version {0} (12 expected)")]
+    ApiVersion(i32),
+    /// A VM-level ioctl failed.
+    #[error("KVM {what} failed: {source}")]
+    Kvm {
+        /// Which operation.
+        what: &'static str,
+        /// The error.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be mapped.
+    #[error("cannot allocate {mib} MiB of guest memory: {reason}")]
+    Memory {
+        /// Requested size.
+        mib: usize,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A VM with its interrupt controllers, before memory is attached.
+pub struct Vm {
+    /// The KVM system handle, kept for per-vCPU queries.
+    pub kvm: Kvm,
+    /// The VM file descriptor.
+    pub fd: VmFd,
+}
+
+impl Vm {
+    /// Creates the VM, its in-kernel IOAPIC/PIC/LAPICs and the PIT.
+    pub fn new() -> Result<Vm, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let version = kvm.get_api_version();
+        if version != 12 {
+            return Err(VmError::ApiVersion(version));
+        }
+        let kvm_err = |what| move |source| VmError::Kvm { what, source };
+        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        Ok(Vm { kvm, fd })
+    }
+
+    /// Maps `mem_size_mib` of guest RAM (split around the MMIO gap) and registers it with KVM.
+    pub fn create_memory(
+        &self,
+        mem_size_mib: usize,
+        track_dirty_pages: bool,
+    ) -> Result<GuestMemoryMmap, VmError> {
+        let bytes = (mem_size_mib as u64)
+            .checked_mul(1 << 20)
+            .ok_or_else(|| VmError::Memory {
+                mib: mem_size_mib,
+                reason: "size overflows".into(),
+            })?;
+        let memory = GuestMemoryMmap::<()>::from_ranges(&memory_regions(bytes)).map_err(|e| {
+            VmError::Memory {
+                mib: mem_size_mib,
+                reason: e.to_string(),
+            }
+        })?;
+        let flags = if track_dirty_pages {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
+        for (slot, region) in memory.iter().enumerate() {
+            let host = memory
+                .get_host_address(region.start_addr())
+                .map_err(|e| VmError::Memory {
+                    mib: mem_size_mib,
+                    reason: e.to_string(),
+                })?;
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the region describes memory owned by `memory`, which the caller keeps
+            // alive for as long as the VM exists (both live in the running VM's state).
+            unsafe { self.fd.set_user_memory_region(region) }.map_err(|source| VmError::Kvm {
+                what: "KVM_SET_USER_MEMORY_REGION",
+                source,
+            })?;
+        }
+        Ok(memory)
+    }
+}
