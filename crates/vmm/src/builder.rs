@@ -154,7 +154,11 @@ fn device_err(e: impl std::fmt::Display) -> StartError {
 /// Drives in attachment order: the root device first (it becomes /dev/vda), then the rest as
 /// the client added them.
 pub fn ordered_drives(drives: &[DriveConfig]) -> Vec<DriveConfig> {
-    let mut ordered: Vec<DriveConfig> = drives.iter().filter(|d| d.is_root_device).cloned().collect();
+    let mut ordered: Vec<DriveConfig> = drives
+        .iter()
+        .filter(|d| d.is_root_device)
+        .cloned()
+        .collect();
     ordered.extend(drives.iter().filter(|d| !d.is_root_device).cloned());
     ordered
 }
@@ -242,15 +246,23 @@ pub fn start_vm(
     )));
     pio.insert(i8042.clone(), I8042_PORT, I8042_PORT_COUNT)
         .map_err(device_err)?;
-    pio.insert(Arc::new(Mutex::new(Cmos::default())), CMOS_PORT, CMOS_PORT_COUNT)
-        .map_err(device_err)?;
+    pio.insert(
+        Arc::new(Mutex::new(Cmos::default())),
+        CMOS_PORT,
+        CMOS_PORT_COUNT,
+    )
+    .map_err(device_err)?;
 
     // MMIO devices: the boot timer, then one virtio-mmio slot per drive.
     let mut mmio = Bus::new();
     if options.boot_timer {
         let timer = BootTimer::new(start_time.0, start_time.1);
-        mmio.insert(Arc::new(Mutex::new(timer)), BOOT_TIMER_START, BOOT_TIMER_SIZE)
-            .map_err(device_err)?;
+        mmio.insert(
+            Arc::new(Mutex::new(timer)),
+            BOOT_TIMER_START,
+            BOOT_TIMER_SIZE,
+        )
+        .map_err(device_err)?;
     }
     let drives_config = ordered_drives(&config.drives);
     if drives_config.len() as u64 > VIRTIO_MMIO_SLOTS {
@@ -283,7 +295,9 @@ pub fn start_vm(
                     &IoEventAddress::Mmio(info.address + NOTIFY_REG_OFFSET),
                     queue as u32,
                 )
-                .map_err(|e| StartError::Device(format!("ioeventfd for {}: {e}", drive.drive_id)))?;
+                .map_err(|e| {
+                    StartError::Device(format!("ioeventfd for {}: {e}", drive.drive_id))
+                })?;
         }
         let interrupt = Arc::new(VirtioInterrupt::new(irq_line(&vm, info.irq)?));
         let device = Arc::new(Mutex::new(block));
@@ -321,11 +335,14 @@ pub fn start_vm(
     };
     let mut vcpu_fds: Vec<VcpuFd> = Vec::with_capacity(machine.vcpu_count as usize);
     for index in 0..machine.vcpu_count {
-        let fd = vm.fd.create_vcpu(index as u64).map_err(|source| vcpu::VcpuError::Kvm {
-            index,
-            what: "KVM_CREATE_VCPU",
-            source,
-        })?;
+        let fd = vm
+            .fd
+            .create_vcpu(index as u64)
+            .map_err(|source| vcpu::VcpuError::Kvm {
+                index,
+                what: "KVM_CREATE_VCPU",
+                source,
+            })?;
         let boot = (index == 0).then_some((entry.mode, entry.address));
         vcpu::configure(&fd, index, &base_cpuid, topology, &memory, mem_end, boot)?;
         vcpu_fds.push(fd);

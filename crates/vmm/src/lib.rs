@@ -5,9 +5,11 @@
 //! device, and `rpc` the request interface the API server drives.
 
 pub mod arch;
-pub mod config;
-pub mod rpc;
-pub mod devices;
-pub mod metrics;
-pub mod vstate;
 pub mod builder;
+pub mod config;
+pub mod controller;
+pub mod devices;
+pub mod logger;
+pub mod metrics;
+pub mod rpc;
+pub mod vstate;

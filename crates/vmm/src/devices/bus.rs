@@ -58,7 +58,9 @@ impl Bus {
         if len == 0 {
             return Err(BusError::Empty(base));
         }
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
         let before = self.devices.range(..end).next_back();
         if let Some((start, entry)) = before {
             if start + entry.len > base {
@@ -100,7 +102,9 @@ impl Bus {
 /// Locks a device, recovering from a poisoned lock: a device that panicked once must not take
 /// every later access (and so the VMM) down with it.
 pub fn lock<T: ?Sized>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
@@ -122,8 +126,12 @@ mod tests {
         let mut bus = Bus::new();
         bus.insert(Arc::new(Mutex::new(Echo(10))), 0x100, 0x10)
             .expect("first");
-        assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), 0x108, 0x10).is_err());
-        assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), 0xf8, 0x10).is_err());
+        assert!(bus
+            .insert(Arc::new(Mutex::new(Echo(0))), 0x108, 0x10)
+            .is_err());
+        assert!(bus
+            .insert(Arc::new(Mutex::new(Echo(0))), 0xf8, 0x10)
+            .is_err());
         bus.insert(Arc::new(Mutex::new(Echo(20))), 0x110, 0x10)
             .expect("adjacent");
         let mut byte = [0u8];

@@ -1,6 +1,7 @@
 //! Why the VM stopped, and the one-shot signal that carries it from whichever thread noticed
 //! (a vCPU, a device, a signal handler) to the event loop.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
@@ -48,6 +49,7 @@ impl std::fmt::Display for ExitReason {
 /// First-writer-wins exit request, readable by the event loop through its eventfd.
 #[derive(Clone)]
 pub struct ExitSignal {
+    requested: Arc<AtomicBool>,
     reason: Arc<Mutex<Option<ExitReason>>>,
     event: Arc<EventFd>,
 }
@@ -56,6 +58,7 @@ impl ExitSignal {
     /// A signal with no exit requested yet.
     pub fn new() -> std::io::Result<Self> {
         Ok(ExitSignal {
+            requested: Arc::new(AtomicBool::new(false)),
             reason: Arc::new(Mutex::new(None)),
             event: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
         })
@@ -68,9 +71,15 @@ impl ExitSignal {
             *slot = Some(reason);
         }
         drop(slot);
+        self.requested.store(true, Ordering::SeqCst);
         if let Err(e) = self.event.write(1) {
             tracing::error!("could not signal VM exit: {e}");
         }
+    }
+
+    /// Cheap check for vCPU threads: has anyone asked the VM to stop?
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
     }
 
     /// The requested reason, if any.

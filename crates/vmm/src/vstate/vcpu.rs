@@ -79,10 +79,12 @@ pub fn configure(
     mem_end: u64,
     boot: Option<(EntryMode, u64)>,
 ) -> Result<(), VcpuError> {
-    let kvm_err = |what| move |source| VcpuError::Kvm {
-        index,
-        what,
-        source,
+    let kvm_err = |what| {
+        move |source| VcpuError::Kvm {
+            index,
+            what,
+            source,
+        }
     };
     vcpu.set_cpuid2(&cpuid::for_vcpu(base_cpuid, index, topology))
         .map_err(kvm_err("KVM_SET_CPUID2"))?;
@@ -191,7 +193,10 @@ impl Vcpus {
     }
 
     fn live_threads(&self) -> usize {
-        self.threads.iter().filter(|(h, _)| !h.is_finished()).count()
+        self.threads
+            .iter()
+            .filter(|(h, _)| !h.is_finished())
+            .count()
     }
 
     /// Stops every vCPU and waits until all have left the guest.
@@ -238,6 +243,10 @@ fn run_vcpu(index: u8, mut fd: VcpuFd, control: &VcpuControl, runtime: &VcpuRunt
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 runtime.pio.write(port as u64, data);
+                // A reset through the i8042 must not let the guest run on.
+                if runtime.exit.is_requested() {
+                    return;
+                }
             }
             Ok(VcpuExit::MmioRead(address, data)) => {
                 if !runtime.mmio.read(address, data) {
@@ -257,9 +266,8 @@ fn run_vcpu(index: u8, mut fd: VcpuFd, control: &VcpuControl, runtime: &VcpuRunt
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => {
                 runtime.exit.request(match kind {
-                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN | kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
-                        ExitReason::GuestReset
-                    }
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN
+                    | kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitReason::GuestReset,
                     other => ExitReason::VcpuError(format!("vCPU {index}: system event {other}")),
                 });
                 return;

@@ -1,6 +1,8 @@
 //! The KVM VM: its file descriptor, in-kernel interrupt controllers, PIT and guest memory.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -57,7 +59,8 @@ impl Vm {
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         fd.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -90,12 +93,13 @@ impl Vm {
             0
         };
         for (slot, region) in memory.iter().enumerate() {
-            let host = memory
-                .get_host_address(region.start_addr())
-                .map_err(|e| VmError::Memory {
-                    mib: mem_size_mib,
-                    reason: e.to_string(),
-                })?;
+            let host =
+                memory
+                    .get_host_address(region.start_addr())
+                    .map_err(|e| VmError::Memory {
+                        mib: mem_size_mib,
+                        reason: e.to_string(),
+                    })?;
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags,

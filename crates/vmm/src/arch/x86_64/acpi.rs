@@ -3,12 +3,14 @@
 //! virtio-mmio device (as LNRO0005), the serial port and the i8042.
 
 use acpi_tables::aml;
-use acpi_tables::Aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{APIC_START, HIMEM_START, I8042_IRQ, IOAPIC_START, RSDP_START, SERIAL_IRQ};
@@ -185,18 +187,23 @@ mod tests {
 
     #[test]
     fn rsdp_points_at_an_xsdt_listing_fadt_and_madt() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x20_0000)])
-            .expect("memory");
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x20_0000)]).expect("memory");
         write_tables(&mem, 2, &[]).expect("tables");
         let mut rsdp = [0u8; 36];
-        mem.read_slice(&mut rsdp, GuestAddress(RSDP_START)).expect("rsdp");
+        mem.read_slice(&mut rsdp, GuestAddress(RSDP_START))
+            .expect("rsdp");
         assert_eq!(&rsdp[0..8], b"RSD PTR ");
         assert!(checksum_ok(&rsdp[0..20]));
         assert!(checksum_ok(&rsdp));
         let xsdt_address = u64::from_le_bytes(rsdp[24..32].try_into().expect("8 bytes"));
         let mut header = [0u8; 52];
-        mem.read_slice(&mut header, GuestAddress(xsdt_address)).expect("xsdt");
+        mem.read_slice(&mut header, GuestAddress(xsdt_address))
+            .expect("xsdt");
         assert_eq!(&header[0..4], b"XSDT");
-        assert_eq!(u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")), 52);
+        assert_eq!(
+            u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")),
+            52
+        );
     }
 }

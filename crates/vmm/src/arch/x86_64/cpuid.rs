@@ -189,7 +189,14 @@ mod tests {
 
     #[test]
     fn leaf_1_carries_apic_id_hypervisor_bit_and_count() {
-        let cpuid = for_vcpu(&table(), 3, Topology { vcpu_count: 4, smt: false });
+        let cpuid = for_vcpu(
+            &table(),
+            3,
+            Topology {
+                vcpu_count: 4,
+                smt: false,
+            },
+        );
         let leaf1 = cpuid.as_slice()[0];
         assert_eq!(leaf1.ebx >> 24, 3);
         assert_eq!((leaf1.ebx >> 16) & 0xff, 4);
@@ -199,7 +206,14 @@ mod tests {
 
     #[test]
     fn topology_leaf_reports_all_vcpus_at_core_level() {
-        let cpuid = for_vcpu(&table(), 1, Topology { vcpu_count: 6, smt: true });
+        let cpuid = for_vcpu(
+            &table(),
+            1,
+            Topology {
+                vcpu_count: 6,
+                smt: true,
+            },
+        );
         let leaf = cpuid.as_slice()[1];
         assert_eq!(leaf.ebx, 6);
         assert_eq!(leaf.edx, 1);

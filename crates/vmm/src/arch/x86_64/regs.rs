@@ -96,10 +96,7 @@ fn write_page_tables(mem: &GuestMemoryMmap, mem_end: u64) -> Result<(), RegsErro
     mem.write_obj(PDPTE_START | PTE_PRESENT_RW, GuestAddress(PML4_START))?;
     for pd in 0..4u64 {
         let pd_addr = PDE_START + pd * 0x1000;
-        mem.write_obj(
-            pd_addr | PTE_PRESENT_RW,
-            GuestAddress(PDPTE_START + pd * 8),
-        )?;
+        mem.write_obj(pd_addr | PTE_PRESENT_RW, GuestAddress(PDPTE_START + pd * 8))?;
         let entries: Vec<u8> = (0..512u64)
             .flat_map(|i| (((pd << 30) + (i << 21)) | PTE_PRESENT_RW | PTE_LARGE).to_le_bytes())
             .collect();

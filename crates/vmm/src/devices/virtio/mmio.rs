@@ -103,7 +103,10 @@ impl MmioTransport {
         // Only one new bit at a time, in the order the spec gives.
         let new = value & !self.status;
         if value & self.status != self.status {
-            tracing::debug!("virtio-mmio: driver cleared status bits ({:#x} -> {value:#x})", self.status);
+            tracing::debug!(
+                "virtio-mmio: driver cleared status bits ({:#x} -> {value:#x})",
+                self.status
+            );
             return;
         }
         match new {
@@ -155,7 +158,8 @@ impl MmioTransport {
             self.interrupt.mark_broken();
             return;
         };
-        let result = lock(&self.device).activate(self.memory.clone(), queues, self.interrupt.clone());
+        let result =
+            lock(&self.device).activate(self.memory.clone(), queues, self.interrupt.clone());
         if let Err(e) = result {
             tracing::warn!("virtio-mmio: activation failed: {e}");
             self.interrupt.mark_broken();
@@ -227,10 +231,18 @@ impl MmioTransport {
             }
             0x064 => self.interrupt.ack(value),
             0x070 => self.set_status(value),
-            0x080 if queue_setup => self.with_queue(|q| q.set_desc_table_address(Some(value), None)),
-            0x084 if queue_setup => self.with_queue(|q| q.set_desc_table_address(None, Some(value))),
-            0x090 if queue_setup => self.with_queue(|q| q.set_avail_ring_address(Some(value), None)),
-            0x094 if queue_setup => self.with_queue(|q| q.set_avail_ring_address(None, Some(value))),
+            0x080 if queue_setup => {
+                self.with_queue(|q| q.set_desc_table_address(Some(value), None))
+            }
+            0x084 if queue_setup => {
+                self.with_queue(|q| q.set_desc_table_address(None, Some(value)))
+            }
+            0x090 if queue_setup => {
+                self.with_queue(|q| q.set_avail_ring_address(Some(value), None))
+            }
+            0x094 if queue_setup => {
+                self.with_queue(|q| q.set_avail_ring_address(None, Some(value)))
+            }
             0x0a0 if queue_setup => self.with_queue(|q| q.set_used_ring_address(Some(value), None)),
             0x0a4 if queue_setup => self.with_queue(|q| q.set_used_ring_address(None, Some(value))),
             _ => tracing::debug!("virtio-mmio: ignored write of {value:#x} at {offset:#x}"),
@@ -263,7 +275,10 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            tracing::debug!("virtio-mmio: ignored {}-byte write at {offset:#x}", data.len());
+            tracing::debug!(
+                "virtio-mmio: ignored {}-byte write at {offset:#x}",
+                data.len()
+            );
             return;
         };
         if offset % 4 != 0 {

@@ -148,7 +148,10 @@ impl Block {
             request::QueueOutcome::Idle => {}
             request::QueueOutcome::Notify => active.interrupt.signal_used_queue(),
             request::QueueOutcome::Broken(reason) => {
-                tracing::warn!("virtio-blk {}: driver error, device needs reset: {reason}", self.id);
+                tracing::warn!(
+                    "virtio-blk {}: driver error, device needs reset: {reason}",
+                    self.id
+                );
                 self.metrics.inc_invalid();
                 active.interrupt.mark_broken();
                 self.active = None;
@@ -190,7 +193,10 @@ impl VirtioDevice for Block {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        tracing::debug!("virtio-blk {}: ignored config write at {offset:#x}", self.id);
+        tracing::debug!(
+            "virtio-blk {}: ignored config write at {offset:#x}",
+            self.id
+        );
     }
 
     fn queue_events(&self) -> &[EventFd] {
