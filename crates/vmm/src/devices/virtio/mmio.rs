@@ -262,7 +262,7 @@ impl BusDevice for MmioTransport {
             lock(&self.device).read_config(offset - CONFIG_SPACE_OFFSET, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             data.fill(0);
             return;
         }
@@ -281,7 +281,7 @@ impl BusDevice for MmioTransport {
             );
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             return;
         }
         self.write_register(offset, u32::from_le_bytes(bytes));

@@ -153,7 +153,7 @@ fn execute(
                 .checked_mul(SECTOR_SIZE)
                 .and_then(|start| start.checked_add(total))
                 .is_some_and(|end| end <= disk.capacity_sectors * SECTOR_SIZE);
-            if total % SECTOR_SIZE != 0 || !in_range {
+            if !total.is_multiple_of(SECTOR_SIZE) || !in_range {
                 return (VIRTIO_BLK_S_IOERR, 0);
             }
             match transfer(memory, file, sector * SECTOR_SIZE, data, writing) {
