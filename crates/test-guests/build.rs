@@ -36,6 +36,7 @@ const GUESTS: &[Guest] = &[
     c_guest("boot-timer", &["boot_timer.c"]),
     c_guest("counter", &["counter.c"]),
     c_guest("ctrl-alt-del", &["ctrl_alt_del.c"]),
+    c_guest("triple-fault", &["triple_fault.c"]),
     Guest {
         name: "pvh",
         sources: &["pvh.S"],

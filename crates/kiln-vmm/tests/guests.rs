@@ -1048,3 +1048,80 @@ fn pvh_guest_is_entered_in_32_bit_mode_with_hvm_start_info() {
     assert!(lines.iter().any(|l| l == "pvh: done"));
     assert_reset_exit(status, &lines);
 }
+
+// ---------------------------------------------------------------------------------------------
+// serial output file, boot timer off, guest faults
+
+#[test]
+fn serial_out_sends_the_guest_console_to_the_file_instead_of_stdout() {
+    if !kvm_or_skip("serial_out_sends_the_guest_console_to_the_file_instead_of_stdout") {
+        return;
+    }
+    let files = TempDir::new("serial-out");
+    let serial = files.join("serial.log");
+    let serial_arg = serial.to_str().expect("UTF-8 temp path");
+    let mut vmm = boot(
+        "serial-out",
+        "hello",
+        BOOT_ARGS,
+        1,
+        128,
+        &[],
+        &["--serial-out", serial_arg],
+    );
+    let status = vmm.expect_exit(EXIT_TIMEOUT);
+    let console = fs::read_to_string(&serial).expect("the --serial-out file exists");
+    assert!(
+        console.contains("Hello from a kiln test guest!"),
+        "the greeting is in the --serial-out file: {console:?}"
+    );
+    assert!(
+        !vmm.stdout.text().contains("Hello from a kiln test guest!"),
+        "the greeting should not also go to stdout"
+    );
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn without_boot_timer_flag_the_boot_timer_write_is_ignored_and_not_logged() {
+    if !kvm_or_skip("without_boot_timer_flag_the_boot_timer_write_is_ignored_and_not_logged") {
+        return;
+    }
+    let mut vmm = boot("no-boot-timer", "boot-timer", BOOT_ARGS, 1, 128, &[], &[]);
+    let (status, lines) = run_to_exit(&mut vmm);
+    assert!(
+        lines.iter().any(|l| l == "boot-timer: done"),
+        "the guest continues after writing to the absent boot-timer device:\n{}",
+        lines.join("\n")
+    );
+    let log = vmm.stderr.text();
+    assert!(
+        !log.contains("Guest-boot-time"),
+        "Guest-boot-time logged without --boot-timer:\n{log}"
+    );
+    assert_reset_exit(status, &lines);
+}
+
+#[test]
+fn guest_exception_without_idt_ends_the_vmm_with_a_non_zero_status() {
+    if !kvm_or_skip("guest_exception_without_idt_ends_the_vmm_with_a_non_zero_status") {
+        return;
+    }
+    let mut vmm = boot("triple-fault", "triple-fault", BOOT_ARGS, 1, 128, &[], &[]);
+    let (status, lines) = run_to_exit(&mut vmm);
+    let output = lines.join("\n");
+    assert!(
+        lines.iter().any(|l| l.starts_with("triple-fault: loading")),
+        "the guest ran up to the faulting load:\n{output}"
+    );
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.starts_with("triple-fault: still alive")),
+        "the load from a non-canonical address did not fault:\n{output}"
+    );
+    assert!(
+        !status.success(),
+        "a triple fault must not look like a clean reset (exit status {status})"
+    );
+}
