@@ -27,8 +27,8 @@ echo "kiln-vmm demo: configuring over the API" >&2
 api GET /
 api PUT /machine-config '{"vcpu_count": 1, "mem_size_mib": 128}'
 api PUT /boot-source "{\"kernel_image_path\": \"$guest\", \"boot_args\": \"console=ttyS0 reboot=k panic=1 pci=off\"}"
-api PUT /actions '{"action_type": "InstanceStart"}'
-echo "kiln-vmm demo: guest serial output:" >&2
+echo "kiln-vmm demo: starting the microVM; its serial output follows" >&2
+api PUT /actions '{"action_type": "InstanceStart"}' 2>/dev/null
 status=0
 wait "$pid" || status=$?
 pid=

@@ -107,6 +107,10 @@ fn main() -> ExitCode {
         }
     }
 
+    if args.config_file.is_none() {
+        vmm.begin_preparation();
+    }
+
     let api = if args.no_api {
         None
     } else {

@@ -5,8 +5,10 @@ use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
+use kvm_bindings::CpuId;
 use kvm_ioctls::{IoEventAddress, VcpuFd};
 use linux_loader::cmdline::Cmdline;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap};
@@ -29,7 +31,7 @@ use crate::devices::Bus;
 use crate::metrics::BlockMetrics;
 use crate::vstate::exit::ExitSignal;
 use crate::vstate::vcpu::{self, VcpuRuntime, Vcpus};
-use crate::vstate::vm::Vm;
+use crate::vstate::vm::{MemoryShape, Vm};
 
 /// Kernel command line used when the client gives none (Firecracker's default).
 pub const DEFAULT_BOOT_ARGS: &str =
@@ -206,20 +208,99 @@ pub fn build_cmdline(config: &VmConfig, devices: &[MmioDeviceInfo]) -> Result<Cm
     Ok(cmdline)
 }
 
-/// Builds and starts the VM described by `config`.
+/// The part of a VM that does not depend on the kernel or devices: the KVM VM with its
+/// interrupt controllers, registered guest memory, and KVM's CPUID. Creating these costs
+/// several milliseconds on some hosts, so the VMM prepares them while the client is still
+/// configuring, off the InstanceStart path.
+pub struct PreparedVm {
+    vm: Vm,
+    cpuid: CpuId,
+}
+
+impl PreparedVm {
+    /// Creates the VM and its memory now.
+    pub fn new(shape: MemoryShape) -> Result<PreparedVm, StartError> {
+        let mut vm = Vm::new()?;
+        let cpuid = cpuid::supported(&vm.kvm)?;
+        vm.ensure_memory(shape)?;
+        Ok(PreparedVm { vm, cpuid })
+    }
+}
+
+/// A [`PreparedVm`] being built (or rebuilt for a new memory shape) on a helper thread.
+#[derive(Default)]
+pub struct Preparation {
+    pending: Option<JoinHandle<Result<PreparedVm, StartError>>>,
+}
+
+impl Preparation {
+    /// Starts preparing a VM with memory of `shape`. Spawn only after the termination signals
+    /// are blocked, so the helper thread inherits the mask.
+    pub fn start(shape: MemoryShape) -> Preparation {
+        let pending = std::thread::Builder::new()
+            .name("vm-prepare".into())
+            .spawn(move || PreparedVm::new(shape))
+            .map_err(|e| tracing::debug!("no preparation thread: {e}"))
+            .ok();
+        Preparation { pending }
+    }
+
+    /// Re-shapes the memory of the VM being prepared (after `PUT /machine-config`).
+    pub fn reshape(&mut self, shape: MemoryShape) {
+        let Some(previous) = self.pending.take() else {
+            return;
+        };
+        self.pending = std::thread::Builder::new()
+            .name("vm-prepare".into())
+            .spawn(move || {
+                let mut prepared = previous
+                    .join()
+                    .map_err(|_| StartError::Device("VM preparation panicked".into()))??;
+                prepared.vm.ensure_memory(shape)?;
+                Ok(prepared)
+            })
+            .map_err(|e| tracing::debug!("no preparation thread: {e}"))
+            .ok();
+    }
+
+    /// The prepared VM, if preparation ran and succeeded.
+    fn take(&mut self) -> Option<PreparedVm> {
+        match self.pending.take()?.join() {
+            Ok(Ok(prepared)) => Some(prepared),
+            Ok(Err(e)) => {
+                tracing::debug!("VM preparation failed, retrying at start: {e}");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+}
+
+/// Builds and starts the VM described by `config`, using the prepared VM if there is one.
 pub fn start_vm(
     config: &VmConfig,
     options: &VmmOptions,
     exit: &ExitSignal,
     start_time: (Instant, u64),
+    preparation: &mut Preparation,
 ) -> Result<RunningVm, StartError> {
     let boot_source = config
         .boot_source
         .as_ref()
         .ok_or_else(|| StartError::Device("no boot source".into()))?;
     let machine = &config.machine_config;
-    let vm = Vm::new()?;
-    let memory = vm.create_memory(machine.mem_size_mib, machine.track_dirty_pages)?;
+    let shape = MemoryShape {
+        mem_size_mib: machine.mem_size_mib,
+        track_dirty_pages: machine.track_dirty_pages,
+    };
+    let PreparedVm {
+        mut vm,
+        cpuid: base_cpuid,
+    } = match preparation.take() {
+        Some(prepared) => prepared,
+        None => PreparedVm::new(shape)?,
+    };
+    let memory = vm.ensure_memory(shape)?.clone();
     let mem_end = memory.last_addr().raw_value() + 1;
 
     let open = |what, path: &PathBuf| {
@@ -328,7 +409,6 @@ pub fn start_vm(
     acpi::write_tables(&memory, machine.vcpu_count, &device_infos)?;
     boot::write_boot_params(&memory, &entry, cmdline_len, initrd)?;
 
-    let base_cpuid = cpuid::supported(&vm.kvm)?;
     let topology = Topology {
         vcpu_count: machine.vcpu_count,
         smt: machine.smt,

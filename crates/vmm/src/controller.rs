@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 
-use crate::builder::{self, RunningVm, VmmOptions};
+use crate::builder::{self, Preparation, RunningVm, VmmOptions};
 use crate::config::{MetricsConfig, VmConfig};
 use crate::devices::boot_timer::process_cpu_us;
 use crate::devices::bus::lock;
@@ -17,6 +17,7 @@ use crate::rpc::{
     ActionError, ActionResult, InstanceInfo, InstanceState, VmmAction, VmmData, VmmInbox,
 };
 use crate::vstate::exit::{ExitReason, ExitSignal};
+use crate::vstate::vm::MemoryShape;
 
 /// How often metrics are written without a `FlushMetrics`.
 const METRICS_PERIOD: Duration = Duration::from_secs(60);
@@ -38,6 +39,7 @@ pub struct Vmm {
     metrics: Option<File>,
     last_metrics: Instant,
     new_subscribers: Vec<Subscriber>,
+    preparation: Preparation,
 }
 
 impl Vmm {
@@ -53,12 +55,27 @@ impl Vmm {
             metrics: None,
             last_metrics: Instant::now(),
             new_subscribers: Vec::new(),
+            preparation: Preparation::default(),
         })
     }
 
     /// The exit signal devices and vCPUs report through.
     pub fn exit_signal(&self) -> ExitSignal {
         self.exit.clone()
+    }
+
+    fn memory_shape(&self) -> MemoryShape {
+        MemoryShape {
+            mem_size_mib: self.config.machine_config.mem_size_mib,
+            track_dirty_pages: self.config.machine_config.track_dirty_pages,
+        }
+    }
+
+    /// Starts creating the KVM VM and its memory in the background, so that InstanceStart
+    /// only loads the kernel and starts vCPUs. Call after the termination signals are
+    /// blocked.
+    pub fn begin_preparation(&mut self) {
+        self.preparation = Preparation::start(self.memory_shape());
     }
 
     fn started(&self) -> bool {
@@ -100,6 +117,7 @@ impl Vmm {
                 self.pre_boot("The machine configuration")?;
                 machine.validate().map_err(|e| bad(e.to_string()))?;
                 self.config.machine_config = machine;
+                self.preparation.reshape(self.memory_shape());
                 Ok(VmmData::Empty)
             }
             VmmAction::PatchMachineConfig(update) => {
@@ -107,6 +125,7 @@ impl Vmm {
                 let machine = self.config.machine_config.merged(&update);
                 machine.validate().map_err(|e| bad(e.to_string()))?;
                 self.config.machine_config = machine;
+                self.preparation.reshape(self.memory_shape());
                 Ok(VmmData::Empty)
             }
             VmmAction::PutBootSource(boot) => {
@@ -241,8 +260,14 @@ impl Vmm {
             ));
         }
         let start = (Instant::now(), process_cpu_us());
-        let running = builder::start_vm(&self.config, &self.options, &self.exit, start)
-            .map_err(|e| bad(format!("Cannot start the microVM: {e}")))?;
+        let running = builder::start_vm(
+            &self.config,
+            &self.options,
+            &self.exit,
+            start,
+            &mut self.preparation,
+        )
+        .map_err(|e| bad(format!("Cannot start the microVM: {e}")))?;
         for drive in &running.drives {
             self.new_subscribers.push(drive.device.clone());
         }

@@ -39,12 +39,22 @@ pub enum VmError {
     },
 }
 
-/// A VM with its interrupt controllers, before memory is attached.
+/// What guest memory was registered for; a different shape needs new memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryShape {
+    /// Guest RAM in MiB.
+    pub mem_size_mib: usize,
+    /// Whether KVM logs dirty pages.
+    pub track_dirty_pages: bool,
+}
+
+/// A VM with its interrupt controllers and (once attached) its guest memory.
 pub struct Vm {
     /// The KVM system handle, kept for per-vCPU queries.
     pub kvm: Kvm,
     /// The VM file descriptor.
     pub fd: VmFd,
+    memory: Option<(MemoryShape, GuestMemoryMmap)>,
 }
 
 impl Vm {
@@ -66,15 +76,59 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-        Ok(Vm { kvm, fd })
+        Ok(Vm {
+            kvm,
+            fd,
+            memory: None,
+        })
     }
 
-    /// Maps `mem_size_mib` of guest RAM (split around the MMIO gap) and registers it with KVM.
-    pub fn create_memory(
-        &self,
-        mem_size_mib: usize,
-        track_dirty_pages: bool,
-    ) -> Result<GuestMemoryMmap, VmError> {
+    /// The attached guest memory, if any.
+    pub fn memory(&self) -> Option<&GuestMemoryMmap> {
+        self.memory.as_ref().map(|(_, memory)| memory)
+    }
+
+    /// Makes sure guest memory of `shape` is mapped and registered, replacing memory of
+    /// another shape (its KVM slots are deleted first).
+    pub fn ensure_memory(&mut self, shape: MemoryShape) -> Result<&GuestMemoryMmap, VmError> {
+        if self
+            .memory
+            .as_ref()
+            .is_some_and(|(current, _)| *current != shape)
+        {
+            self.remove_memory()?;
+        }
+        if self.memory.is_none() {
+            let memory = self.register_memory(shape)?;
+            self.memory = Some((shape, memory));
+        }
+        self.memory().ok_or_else(|| VmError::Memory {
+            mib: shape.mem_size_mib,
+            reason: "memory vanished".into(),
+        })
+    }
+
+    fn remove_memory(&mut self) -> Result<(), VmError> {
+        let Some((_, memory)) = self.memory.take() else {
+            return Ok(());
+        };
+        for slot in 0..memory.num_regions() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                memory_size: 0,
+                ..Default::default()
+            };
+            // SAFETY: a zero-sized region deletes the slot; no memory is referenced.
+            unsafe { self.fd.set_user_memory_region(region) }.map_err(|source| VmError::Kvm {
+                what: "KVM_SET_USER_MEMORY_REGION (delete)",
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn register_memory(&self, shape: MemoryShape) -> Result<GuestMemoryMmap, VmError> {
+        let mem_size_mib = shape.mem_size_mib;
         let bytes = (mem_size_mib as u64)
             .checked_mul(1 << 20)
             .ok_or_else(|| VmError::Memory {
@@ -87,7 +141,7 @@ impl Vm {
                 reason: e.to_string(),
             }
         })?;
-        let flags = if track_dirty_pages {
+        let flags = if shape.track_dirty_pages {
             KVM_MEM_LOG_DIRTY_PAGES
         } else {
             0
@@ -107,8 +161,8 @@ impl Vm {
                 memory_size: region.len(),
                 userspace_addr: host as u64,
             };
-            // SAFETY: the region describes memory owned by `memory`, which the caller keeps
-            // alive for as long as the VM exists (both live in the running VM's state).
+            // SAFETY: the region describes memory owned by `memory`, which `self.memory` keeps
+            // alive until the slot is deleted (remove_memory) or the VM fd is closed.
             unsafe { self.fd.set_user_memory_region(region) }.map_err(|source| VmError::Kvm {
                 what: "KVM_SET_USER_MEMORY_REGION",
                 source,
