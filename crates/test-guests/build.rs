@@ -243,13 +243,17 @@ fn check_elf(guest: &Guest, path: &Path) {
             4 => {
                 // Notes: namesz, descsz, type, name (4-aligned), desc (4-aligned).
                 let mut at = offset;
-                while at + 12 <= offset + filesz {
+                let end = (offset + filesz).min(image.len());
+                while at + 12 <= end {
                     let namesz = le32(&image, at) as usize;
                     let descsz = le32(&image, at + 4) as usize;
                     let n_type = le32(&image, at + 8);
-                    let name = &image[at + 12..at + 12 + namesz];
                     let desc = at + 12 + namesz.div_ceil(4) * 4;
-                    if n_type == 18 && name == b"Xen\0" && descsz >= 4 {
+                    let name = image.get(at + 12..at + 12 + namesz);
+                    if n_type == 18 && name == Some(b"Xen\0".as_slice()) && descsz >= 4 {
+                        if desc + 4 > end {
+                            fail("PVH note descriptor runs past its segment".into());
+                        }
                         pvh_entry = Some(le32(&image, desc));
                     }
                     at = desc + descsz.div_ceil(4) * 4;
