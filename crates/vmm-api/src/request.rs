@@ -67,6 +67,12 @@ pub(crate) enum RequestError {
         #[source]
         source: serde_json::Error,
     },
+    /// The body is JSON, or starts like it, but is not an object.
+    #[error("The request body could not be parsed as {what}: expected a JSON object.")]
+    NotAnObject {
+        /// The kind of object expected, for the message.
+        what: &'static str,
+    },
     /// `PUT|PATCH /drives/{id}` with a different `drive_id` in the body.
     #[error(
         "The drive ID in the path ({path_id}) does not match the drive_id in the body ({body_id})."
@@ -118,7 +124,15 @@ enum VmState {
 }
 
 /// Parses a JSON body into `T`, naming `what` in the error.
+///
+/// Every body is a JSON object. serde would also take a struct from an array of its fields in
+/// order (`[1, 128]` as a machine configuration), which no client means to send, so anything
+/// but an object is refused first.
 fn json<T: DeserializeOwned>(what: &'static str, body: &[u8]) -> Result<T, RequestError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|&b| b != b'{') {
+        return Err(RequestError::NotAnObject { what });
+    }
     serde_json::from_slice(body).map_err(|source| RequestError::Json { what, source })
 }
 
@@ -385,7 +399,11 @@ mod tests {
             r#"{"vcpu_count":300,"mem_size_mib":128}"#,
             r#"{"vcpu_count":1,"mem_size_mib":128} trailing"#,
             "[]",
+            "[1, 128]",
+            " \n [1, 128, true]",
             "null",
+            "1",
+            "\"text\"",
             "\u{feff}{}",
         ] {
             let message = err("PUT", "/machine-config", body);
