@@ -1,0 +1,74 @@
+#!/bin/busybox sh
+# /init of the OUTER VM (QEMU TCG, -cpu EPYC): loads kvm_amd for nested SVM, then runs kiln-vmm.
+# Prints KILN-OUTER-* / KILN-VMM-* markers on the serial console; tests/nested/run.sh checks them.
+/bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin /proc /sys /dev /tmp
+/bin/busybox --install -s
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+
+up() { cut -d' ' -f1 /proc/uptime; }
+off() {
+    sync
+    echo "KILN-OUTER-POWEROFF uptime=$(up)"
+    poweroff -f
+    sleep 5
+    exit 1
+}
+
+echo "KILN-OUTER-INIT uptime=$(up)"
+mode=$(cat /mode)
+
+for m in $(cat /modules.list); do
+    name=$(basename "$m" .ko)
+    if ! out=$(insmod "/lib/modules/$m" 2>&1); then
+        echo "KILN-OUTER-MODULE-FAIL $name: $out"
+    fi
+done
+dmesg | grep -i -E 'nested|svm|kvm:' | sed 's/^/KILN-OUTER-DMESG /'
+
+if [ -c /dev/kvm ]; then
+    echo "KILN-OUTER-KVM-READY uptime=$(up)"
+else
+    echo "KILN-OUTER-KVM-MISSING: /dev/kvm did not appear (is svm in the outer CPU? dmesg above)"
+    grep -o -w -E 'svm|vmx' /proc/cpuinfo | head -n1 | sed 's/^/KILN-OUTER-CPUFLAG /'
+    off
+fi
+
+if [ "$mode" = check ]; then
+    echo "KILN-OUTER-CHECK-DONE"
+    off
+fi
+
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do
+    usleep 100000
+    i=$((i + 1))
+done
+if [ ! -b /dev/vda ]; then
+    echo "KILN-OUTER-DISK-MISSING: no /dev/vda in the outer VM"
+    off
+fi
+echo "KILN-OUTER-DISK-READY /dev/vda"
+
+vmjson=/vm.json
+if [ "$(cat /disk-mode 2>/dev/null)" = copy ]; then
+    # Work-around mode: hand kiln-vmm a regular file (copy of /dev/vda on the outer tmpfs) and
+    # copy it back afterwards, for VMMs that cannot use a block device as a backing file.
+    dd if=/dev/vda of=/tmp/disk.img bs=1M 2>/dev/null || { echo "KILN-OUTER-FAIL copy of /dev/vda"; off; }
+    sed 's#"/dev/vda"#"/tmp/disk.img"#' /vm.json >/tmp/vm.json
+    vmjson=/tmp/vm.json
+    echo "KILN-OUTER-DISK-MODE copy (/dev/vda -> /tmp/disk.img)"
+fi
+
+echo "KILN-VMM-START uptime=$(up)"
+/kiln-vmm --no-api --config-file "$vmjson"
+rc=$?
+echo "KILN-VMM-EXIT $rc uptime=$(up)"
+if [ "$vmjson" = /tmp/vm.json ]; then
+    dd if=/tmp/disk.img of=/dev/vda bs=1M conv=fsync 2>/dev/null || echo "KILN-OUTER-FAIL copy back to /dev/vda"
+fi
+blockdev --flushbufs /dev/vda 2>/dev/null
+off

@@ -1,0 +1,483 @@
+#!/usr/bin/env bash
+# Boots Debian's cloud kernel through kiln-vmm and checks it end to end.
+#
+# On a host without hardware virtualization (vmx/svm not in /proc/cpuinfo, e.g. kvm_pvm), kiln-vmm
+# runs inside an OUTER VM: QEMU TCG with -cpu EPYC emulates AMD SVM, and Debian's kvm_amd gives a
+# nested /dev/kvm there (see /work/shared/notes/nested-kvm.md). On a host with vmx/svm, kiln-vmm
+# runs directly on the host with the same inner kernel, initramfs and disk.
+#
+# Every step prints a KILN-* marker on the console; the summary at the end checks them and the
+# file the guest wrote is read back from the ext4 image with debugfs (no mounts).
+#
+# Usage: tests/nested/run.sh [options]
+#   --kiln-vmm PATH     use this (static) kiln-vmm instead of building one
+#   --keep WORKDIR      build everything in WORKDIR and keep it (default: a temp dir, removed)
+#   --inner-vmm kiln|qemu
+#                       kiln (default): boot the inner guest with kiln-vmm;
+#                       qemu: boot the inner guest with host QEMU TCG -M microvm,acpi=on
+#                       (validates the inner initramfs + disk independently of kiln-vmm)
+#   --outer-check       only boot the outer VM and check that /dev/kvm (nested SVM) appears
+#   --nested | --direct force the outer VM, or running kiln-vmm on the host (default: auto)
+#   --outer-disk blockdev|copy
+#                       nested mode: give kiln-vmm the outer VM's /dev/vda (default), or a
+#                       regular-file copy of it on the outer tmpfs that is copied back afterwards
+#   --timeout SECONDS   wall-clock limit for the VM run (default 240)
+#   -h | --help
+#
+# Environment: KILN_KERNEL (inner+outer bzImage), KILN_MODULES_DIR, KILN_BUSYBOX override the
+# auto-detected Debian files.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+
+KILN_VMM=""
+KEEP=""
+INNER_VMM=kiln
+OUTER_CHECK=0
+OUTER_DISK=blockdev
+MODE=auto
+TIMEOUT=240
+INNER_ARGS="console=ttyS0 reboot=k panic=1 pci=off quiet i8042.noprobe"
+OUTER_ARGS="console=ttyS0 panic=-1 quiet"
+
+die() {
+    echo "run.sh: error: $*" >&2
+    exit 2
+}
+log() { echo "run.sh: $*" >&2; }
+
+usage() {
+    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'
+}
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --kiln-vmm) KILN_VMM=${2:?--kiln-vmm needs a path}; shift 2 ;;
+        --keep) KEEP=${2:?--keep needs a directory}; shift 2 ;;
+        --inner-vmm) INNER_VMM=${2:?--inner-vmm needs kiln or qemu}; shift 2 ;;
+        --outer-check) OUTER_CHECK=1; shift ;;
+        --nested) MODE=nested; shift ;;
+        --direct) MODE=direct; shift ;;
+        --outer-disk) OUTER_DISK=${2:?--outer-disk needs blockdev or copy}; shift 2 ;;
+        --timeout) TIMEOUT=${2:?--timeout needs seconds}; shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        *) die "unknown argument '$1' (try --help)" ;;
+    esac
+done
+[[ $INNER_VMM == kiln || $INNER_VMM == qemu ]] || die "--inner-vmm must be kiln or qemu"
+[[ $OUTER_DISK == blockdev || $OUTER_DISK == copy ]] || die "--outer-disk must be blockdev or copy"
+[[ $TIMEOUT =~ ^[0-9]+$ ]] || die "--timeout must be a number of seconds"
+
+if [[ $MODE == auto ]]; then
+    if grep -q -w -E 'vmx|svm' /proc/cpuinfo; then MODE=direct; else MODE=nested; fi
+fi
+if [[ $INNER_VMM == qemu ]]; then
+    MODE=host-qemu
+    [[ $OUTER_CHECK == 0 ]] || die "--outer-check and --inner-vmm qemu exclude each other"
+fi
+if [[ $OUTER_CHECK == 1 ]]; then
+    MODE=outer-check
+fi
+
+# ---------------------------------------------------------------- prerequisites
+need() { # need COMMAND APT-PACKAGE
+    command -v "$1" >/dev/null 2>&1 || die "'$1' not found: install the Debian package '$2' (apt-get install $2)"
+}
+need cpio cpio
+need gzip gzip
+need mkfs.ext4 e2fsprogs
+need debugfs e2fsprogs
+need timeout coreutils
+need ldd libc-bin
+if [[ $MODE != direct ]]; then
+    need qemu-system-x86_64 qemu-system-x86
+fi
+
+BUSYBOX=${KILN_BUSYBOX:-}
+if [[ -z $BUSYBOX ]]; then
+    for b in /bin/busybox /usr/bin/busybox; do
+        [[ -x $b ]] && { BUSYBOX=$b; break; }
+    done
+fi
+[[ -n $BUSYBOX && -x $BUSYBOX ]] || die "busybox not found: install the Debian package 'busybox-static'"
+is_static() { # is_static BINARY: static or static-pie
+    local out
+    out=$(ldd "$1" 2>&1 || true)
+    [[ $out == *"statically linked"* || $out == *"not a dynamic executable"* ]]
+}
+if ! is_static "$BUSYBOX"; then
+    die "$BUSYBOX is dynamically linked: install the Debian package 'busybox-static' (not 'busybox')"
+fi
+
+KERNEL=${KILN_KERNEL:-}
+if [[ -z $KERNEL ]]; then
+    KERNEL=$(ls -1 /boot/vmlinuz-*-cloud-amd64 2>/dev/null | sort -V | tail -n1 || true)
+    [[ -n $KERNEL ]] || die "no /boot/vmlinuz-*-cloud-amd64: install the Debian package 'linux-image-cloud-amd64'"
+fi
+[[ -f $KERNEL ]] || die "kernel $KERNEL does not exist"
+[[ -r $KERNEL ]] || die "kernel $KERNEL is not readable by $(id -un) (Debian installs it mode 0600): run 'sudo chmod 0644 $KERNEL' or run as root"
+KVER=$(basename "$KERNEL"); KVER=${KVER#vmlinuz-}
+MODDIR=${KILN_MODULES_DIR:-/lib/modules/$KVER}
+[[ -f $MODDIR/modules.dep ]] || die "$MODDIR/modules.dep missing: install the Debian package 'linux-image-$KVER' (or linux-image-cloud-amd64)"
+if [[ $MODE == nested || $MODE == outer-check ]]; then
+    grep -q '^CONFIG_KVM_AMD=m' "/boot/config-$KVER" 2>/dev/null ||
+        log "warning: /boot/config-$KVER does not say CONFIG_KVM_AMD=m; continuing"
+fi
+
+# ---------------------------------------------------------------- work dir and cleanup
+if [[ -n $KEEP ]]; then
+    mkdir -p "$KEEP"
+    WORK=$(cd "$KEEP" && pwd)
+    rm -rf "$WORK/inner-root" "$WORK/outer-root" "$WORK/disk-root" "$WORK/console.fifo"
+else
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/kiln-nested.XXXXXX")
+fi
+RUN_PID=""
+STAMP_PID=""
+cleanup() {
+    local rc=$?
+    if [[ -n $RUN_PID ]] && kill -0 "$RUN_PID" 2>/dev/null; then
+        # timeout(1) leads its own process group: this stops it and the VM it runs.
+        kill -TERM -- "-$RUN_PID" 2>/dev/null || kill -TERM "$RUN_PID" 2>/dev/null || true
+        sleep 1
+        kill -KILL -- "-$RUN_PID" 2>/dev/null || true
+    fi
+    if [[ -f $WORK/qemu.pid ]]; then
+        local qp
+        qp=$(cat "$WORK/qemu.pid" 2>/dev/null || true)
+        [[ -n $qp ]] && kill -KILL "$qp" 2>/dev/null || true
+    fi
+    if [[ -n $STAMP_PID ]]; then kill "$STAMP_PID" 2>/dev/null || true; fi
+    if [[ -z $KEEP ]]; then
+        rm -rf "$WORK"
+    else
+        rm -rf "$WORK/inner-root" "$WORK/outer-root" "$WORK/disk-root" "$WORK/console.fifo"
+        log "kept work dir $WORK (console.log, console.ts, stderr.log, images)"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+echo "KILN-MODE $MODE"
+echo "KILN-KERNEL $KERNEL"
+log "work dir: $WORK"
+
+# ---------------------------------------------------------------- kiln-vmm
+if [[ $MODE == nested || $MODE == direct ]]; then
+    if [[ -z $KILN_VMM ]]; then
+        need cargo "cargo (rustup)"
+        log "building static kiln-vmm (target/static)"
+        (cd "$REPO" &&
+            CARGO_TARGET_DIR="$REPO/target/static" RUSTFLAGS='-C target-feature=+crt-static' \
+                cargo build --release -p kiln-vmm --target x86_64-unknown-linux-gnu >&2) ||
+            die "cargo build of static kiln-vmm failed"
+        KILN_VMM=$REPO/target/static/x86_64-unknown-linux-gnu/release/kiln-vmm
+    fi
+    [[ -x $KILN_VMM ]] || die "kiln-vmm binary $KILN_VMM missing or not executable"
+    if [[ $MODE == nested ]] && ! is_static "$KILN_VMM"; then
+        die "$KILN_VMM is dynamically linked; the outer initramfs needs a static one (RUSTFLAGS='-C target-feature=+crt-static')"
+    fi
+    echo "KILN-VMM-BINARY $KILN_VMM"
+fi
+
+# ---------------------------------------------------------------- modules
+# resolve_modules NAME... -> relative module paths (as in modules.dep) in load order, deps first.
+declare -A MOD_SEEN=()
+MOD_ORDER=()
+mod_path() {
+    local pat=${1//[-_]/[-_]}
+    grep -m1 -o -E "^([^:]*/)?${pat}\.ko(\.[a-z]+)?:" "$MODDIR/modules.dep" | sed 's/:$//'
+}
+mod_add() { # mod_add RELPATH
+    local rel=$1 deps d
+    [[ -n ${MOD_SEEN[$rel]:-} ]] && return 0
+    deps=$(grep -m1 "^$rel:" "$MODDIR/modules.dep" | cut -d: -f2-)
+    # modules.dep lists the full dependency closure, users first: load it back to front.
+    local -a arr=()
+    read -r -a arr <<<"$deps" || true
+    local i
+    for ((i = ${#arr[@]} - 1; i >= 0; i--)); do
+        d=${arr[$i]}
+        mod_add "$d"
+    done
+    MOD_SEEN[$rel]=1
+    MOD_ORDER+=("$rel")
+}
+resolve_modules() {
+    MOD_SEEN=()
+    MOD_ORDER=()
+    local name rel
+    for name in "$@"; do
+        if grep -q -E "/${name//[-_]/[-_]}\.ko" "$MODDIR/modules.builtin" 2>/dev/null; then
+            continue # built into this kernel
+        fi
+        rel=$(mod_path "$name") || die "module $name not found in $MODDIR/modules.dep"
+        mod_add "$rel"
+    done
+}
+# install_modules ROOT: copies MOD_ORDER into ROOT/lib/modules (decompressed) + ROOT/modules.list
+install_modules() {
+    local root=$1 rel src base
+    mkdir -p "$root/lib/modules"
+    : >"$root/modules.list"
+    for rel in "${MOD_ORDER[@]}"; do
+        src=$MODDIR/$rel
+        base=$(basename "$rel"); base=${base%%.ko*}.ko
+        case "$rel" in
+            *.ko) cp "$src" "$root/lib/modules/$base" ;;
+            *.ko.xz) need xz xz-utils; xz -dc "$src" >"$root/lib/modules/$base" ;;
+            *.ko.zst) need zstd zstd; zstd -q -dc "$src" >"$root/lib/modules/$base" ;;
+            *.ko.gz) gzip -dc "$src" >"$root/lib/modules/$base" ;;
+            *) die "unknown module format: $rel" ;;
+        esac
+        echo "$base" >>"$root/modules.list"
+    done
+}
+make_cpio() { # make_cpio ROOT OUT.gz
+    (cd "$1" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc -R 0:0 --quiet) | gzip -1 >"$2"
+}
+busybox_root() { # busybox_root ROOT INIT-SCRIPT
+    mkdir -p "$1/bin" "$1/sbin" "$1/dev" "$1/proc" "$1/sys" "$1/mnt" "$1/tmp"
+    cp "$BUSYBOX" "$1/bin/busybox"
+    ln -s busybox "$1/bin/sh"
+    cp "$2" "$1/init"
+    chmod 0755 "$1/init"
+}
+
+# ---------------------------------------------------------------- inner initramfs
+NONCE="kiln-host-$(date +%s)-$$-$RANDOM"
+INNER_ROOT=$WORK/inner-root
+rm -rf "$INNER_ROOT"
+busybox_root "$INNER_ROOT" "$HERE/inner-init.sh"
+resolve_modules virtio_ring virtio virtio_mmio virtio_blk
+install_modules "$INNER_ROOT"
+echo "KILN-INNER-MODULE-ORDER $(tr '\n' ' ' <"$INNER_ROOT/modules.list")"
+make_cpio "$INNER_ROOT" "$WORK/inner-initrd.img"
+
+# ---------------------------------------------------------------- ext4 disk (no mounts)
+DISK_ROOT=$WORK/disk-root
+rm -rf "$DISK_ROOT" "$WORK/disk.ext4"
+mkdir -p "$DISK_ROOT"
+echo "$NONCE" >"$DISK_ROOT/from-host.txt"
+truncate -s 32M "$WORK/disk.ext4"
+mkfs.ext4 -q -F -L kiln-disk -d "$DISK_ROOT" "$WORK/disk.ext4" ||
+    die "mkfs.ext4 -d failed (needs e2fsprogs >= 1.43)"
+
+# ---------------------------------------------------------------- outer initramfs
+if [[ $MODE == nested || $MODE == outer-check ]]; then
+    OUTER_ROOT=$WORK/outer-root
+    rm -rf "$OUTER_ROOT"
+    busybox_root "$OUTER_ROOT" "$HERE/outer-init.sh"
+    resolve_modules irqbypass kvm kvm_amd virtio_ring virtio virtio_pci_legacy_dev \
+        virtio_pci_modern_dev virtio_pci virtio_blk
+    install_modules "$OUTER_ROOT"
+    if [[ $MODE == outer-check ]]; then
+        echo check >"$OUTER_ROOT/mode"
+    else
+        echo kiln >"$OUTER_ROOT/mode"
+        echo "$OUTER_DISK" >"$OUTER_ROOT/disk-mode"
+        mkdir -p "$OUTER_ROOT/inner"
+        cp "$KILN_VMM" "$OUTER_ROOT/kiln-vmm"
+        chmod 0755 "$OUTER_ROOT/kiln-vmm"
+        cp "$KERNEL" "$OUTER_ROOT/inner/vmlinuz"
+        cp "$WORK/inner-initrd.img" "$OUTER_ROOT/inner/initrd.img"
+        cat >"$OUTER_ROOT/vm.json" <<EOF
+{
+  "boot-source": {
+    "kernel_image_path": "/inner/vmlinuz",
+    "initrd_path": "/inner/initrd.img",
+    "boot_args": "$INNER_ARGS"
+  },
+  "drives": [
+    {
+      "drive_id": "rootfs",
+      "path_on_host": "/dev/vda",
+      "is_root_device": false,
+      "is_read_only": false
+    }
+  ],
+  "machine-config": { "vcpu_count": 1, "mem_size_mib": 256 }
+}
+EOF
+    fi
+    make_cpio "$OUTER_ROOT" "$WORK/outer-initrd.img"
+fi
+
+if [[ $MODE == direct ]]; then
+    cat >"$WORK/vm.json" <<EOF
+{
+  "boot-source": {
+    "kernel_image_path": "$KERNEL",
+    "initrd_path": "$WORK/inner-initrd.img",
+    "boot_args": "$INNER_ARGS"
+  },
+  "drives": [
+    {
+      "drive_id": "rootfs",
+      "path_on_host": "$WORK/disk.ext4",
+      "is_root_device": false,
+      "is_read_only": false
+    }
+  ],
+  "machine-config": { "vcpu_count": 1, "mem_size_mib": 256 }
+}
+EOF
+fi
+
+# ---------------------------------------------------------------- run
+# stamp: console -> stdout, console.log (raw lines) and console.ts ("<epoch seconds> <line>").
+stamp() {
+    local line
+    while IFS= read -r line || [[ -n $line ]]; do
+        while [[ $line == *$'\r' ]]; do line=${line%$'\r'}; done
+        printf '%s\n' "$line" >>"$WORK/console.log"
+        printf '%s %s\n' "$EPOCHREALTIME" "$line" >>"$WORK/console.ts"
+        printf '%s\n' "$line"
+    done
+}
+# run_vm CMD...: runs CMD under timeout with its output stamped; sets VM_RC.
+VM_RC=0
+run_vm() {
+    rm -f "$WORK/console.fifo" "$WORK/qemu.pid"
+    mkfifo "$WORK/console.fifo"
+    stamp <"$WORK/console.fifo" &
+    STAMP_PID=$!
+    timeout -k 5 "$TIMEOUT" "$@" </dev/null >"$WORK/console.fifo" 2>"$WORK/stderr.log" &
+    RUN_PID=$!
+    VM_RC=0
+    wait "$RUN_PID" || VM_RC=$?
+    RUN_PID=""
+    wait "$STAMP_PID" || true
+    STAMP_PID=""
+}
+: >"$WORK/console.log"
+: >"$WORK/console.ts"
+T_START=$EPOCHREALTIME
+printf '%s %s\n' "$T_START" "KILN-HOST-START" >>"$WORK/console.ts"
+
+case $MODE in
+    nested | outer-check)
+        log "booting the outer VM (QEMU TCG, -cpu EPYC, timeout ${TIMEOUT}s)"
+        run_vm qemu-system-x86_64 -accel tcg -cpu EPYC -M pc -m 2048 -smp 1 \
+            -nographic -no-reboot -nic none -pidfile "$WORK/qemu.pid" \
+            -kernel "$KERNEL" -initrd "$WORK/outer-initrd.img" -append "$OUTER_ARGS" \
+            -drive "file=$WORK/disk.ext4,format=raw,if=virtio,cache=writeback"
+        ;;
+    direct)
+        log "running kiln-vmm on the host (timeout ${TIMEOUT}s)"
+        printf '%s %s\n' "$EPOCHREALTIME" "KILN-VMM-START (host)" >>"$WORK/console.ts"
+        echo "KILN-VMM-START (host)" >>"$WORK/console.log"
+        run_vm "$KILN_VMM" --no-api --config-file "$WORK/vm.json"
+        echo "KILN-VMM-EXIT $VM_RC (host)"
+        printf '%s %s\n' "$EPOCHREALTIME" "KILN-VMM-EXIT $VM_RC (host)" >>"$WORK/console.ts"
+        echo "KILN-VMM-EXIT $VM_RC (host)" >>"$WORK/console.log"
+        ;;
+    host-qemu)
+        log "booting the inner guest with host QEMU TCG -M microvm,acpi=on (timeout ${TIMEOUT}s)"
+        printf '%s %s\n' "$EPOCHREALTIME" "KILN-VMM-START (qemu microvm)" >>"$WORK/console.ts"
+        # microvm has no HPET/PM timer: under TCG the guest's PIT calibration of the TSC often
+        # fails and the boot hangs, so give it the TSC frequency (TCG's TSC is the host's).
+        # microvm has no i8042 either: add one so reboot=k ends QEMU (-no-reboot).
+        mhz=$(awk -F: '/^cpu MHz/ { printf "%d", $2; exit }' /proc/cpuinfo)
+        run_vm qemu-system-x86_64 -accel tcg -M microvm,acpi=on,rtc=on -cpu max -m 256 -smp 1 \
+            -nographic -no-reboot -nic none -pidfile "$WORK/qemu.pid" \
+            -kernel "$KERNEL" -initrd "$WORK/inner-initrd.img" \
+            -append "$INNER_ARGS tsc_early_khz=$((${mhz:-2000} * 1000))" \
+            -drive "id=disk0,file=$WORK/disk.ext4,format=raw,if=none,cache=writeback" \
+            -device virtio-blk-device,drive=disk0 -device i8042
+        echo "KILN-VMM-EXIT $VM_RC (qemu microvm)"
+        printf '%s %s\n' "$EPOCHREALTIME" "KILN-VMM-EXIT $VM_RC (qemu microvm)" >>"$WORK/console.ts"
+        echo "KILN-VMM-EXIT $VM_RC (qemu microvm)" >>"$WORK/console.log"
+        ;;
+esac
+T_END=$EPOCHREALTIME
+
+# ---------------------------------------------------------------- checks and summary
+FAILS=0
+echo "==================== kiln nested boot summary ($MODE) ===================="
+if [[ $VM_RC == 124 || $VM_RC == 137 ]]; then
+    echo "KILN-CHECK FAIL timeout: the VM run hit the ${TIMEOUT}s limit"
+    FAILS=$((FAILS + 1))
+elif [[ $MODE != direct && $VM_RC != 0 ]]; then
+    echo "KILN-CHECK FAIL qemu exited with status $VM_RC (stderr: $WORK/stderr.log)"
+    FAILS=$((FAILS + 1))
+fi
+check() { # check REGEX DESCRIPTION
+    if grep -q -E -- "$1" "$WORK/console.log"; then
+        echo "KILN-CHECK ok   $2"
+    else
+        echo "KILN-CHECK FAIL $2 (no line matching '$1')"
+        FAILS=$((FAILS + 1))
+    fi
+}
+# first_ts REGEX -> epoch seconds of the first console line matching
+first_ts() { grep -E -m1 -- "^[0-9.]+ .*$1" "$WORK/console.ts" | cut -d' ' -f1 || true; }
+
+if [[ $MODE == nested || $MODE == outer-check ]]; then
+    check 'KILN-OUTER-INIT' "outer VM reached /init"
+    check 'KILN-OUTER-KVM-READY' "outer VM has /dev/kvm (nested SVM via kvm_amd)"
+    check 'KILN-OUTER-DMESG.*Nested Virtualization enabled' "kvm_amd says Nested Virtualization enabled"
+fi
+if [[ $MODE == nested ]]; then
+    check 'KILN-OUTER-DISK-READY' "outer VM sees the ext4 disk as /dev/vda"
+    check 'KILN-VMM-START' "kiln-vmm started in the outer VM"
+fi
+if [[ $MODE != outer-check ]]; then
+    check 'KILN-INNER-INIT' "inner kernel reached the initramfs /init"
+    check 'KILN-INNER-MODULE-OK virtio_mmio$' "inner guest loaded virtio_mmio"
+    check 'KILN-INNER-MODULE-OK virtio_blk$' "inner guest loaded virtio_blk"
+    check 'KILN-INNER-ACPI-DEV LNRO0005:[0-9a-fA-F]+ driver=virtio-mmio' "virtio-mmio device found through ACPI (LNRO0005) and bound"
+    check 'KILN-INNER-VIRTIO-DEV virtio[0-9]+ device=0x0002 driver=virtio_blk' "virtio-blk device bound to virtio_blk"
+    check 'KILN-INNER-DISK-FOUND /dev/vda' "inner guest has /dev/vda"
+    check "KILN-INNER-FROM-HOST: $NONCE" "inner guest read /from-host.txt ($NONCE)"
+    check 'KILN-INNER-DONE' "inner guest wrote /from-guest.txt and unmounted"
+    if [[ $MODE == host-qemu ]]; then
+        check 'KILN-VMM-EXIT 0( |$)' "QEMU exited 0 after the guest reset"
+    else
+        check 'KILN-VMM-EXIT 0( |$)' "kiln-vmm exited 0 after the guest's i8042 reset"
+    fi
+    # The file the guest wrote, read straight from the image (no mounts).
+    FROM_GUEST=$(debugfs -R 'cat /from-guest.txt' "$WORK/disk.ext4" 2>/dev/null || true)
+    if [[ $FROM_GUEST == "kiln-guest-wrote: $NONCE" ]]; then
+        echo "KILN-HOST-FROM-GUEST-OK $FROM_GUEST"
+        echo "KILN-CHECK ok   host read /from-guest.txt from the image with debugfs"
+    else
+        echo "KILN-HOST-FROM-GUEST-BAD '${FROM_GUEST}'"
+        echo "KILN-CHECK FAIL host read /from-guest.txt with debugfs: expected 'kiln-guest-wrote: $NONCE'"
+        FAILS=$((FAILS + 1))
+    fi
+    if grep -q 'KILN-INNER-FAIL' "$WORK/console.log"; then
+        echo "KILN-CHECK FAIL inner init reported: $(grep -m1 'KILN-INNER-FAIL' "$WORK/console.log")"
+        FAILS=$((FAILS + 1))
+    fi
+fi
+
+# Timings (information only).
+secs() { # secs FROM TO
+    [[ -n $1 && -n $2 ]] && awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }' || echo "n/a"
+}
+t_outer=$(first_ts 'KILN-OUTER-INIT')
+t_kvm=$(first_ts 'KILN-OUTER-KVM-READY')
+t_vmm=$(first_ts 'KILN-VMM-START')
+t_inner=$(first_ts 'KILN-INNER-INIT')
+t_done=$(first_ts 'KILN-INNER-DONE')
+t_exit=$(first_ts 'KILN-VMM-EXIT')
+echo "KILN-TIMING total_s=$(secs "$T_START" "$T_END") outer_boot_s=$(secs "$T_START" "$t_outer")" \
+    "kvm_ready_s=$(secs "$T_START" "$t_kvm") inner_boot_s=$(secs "$t_vmm" "$t_inner")" \
+    "inner_init_to_done_s=$(secs "$t_inner" "$t_done") vmm_total_s=$(secs "$t_vmm" "$t_exit")"
+if [[ -s $WORK/stderr.log ]]; then
+    echo "--- stderr of the VM process (filtered) ---"
+    grep -v "TCG doesn't support requested feature" "$WORK/stderr.log" | tail -n 30 || true
+fi
+if [[ $FAILS -gt 0 ]]; then
+    if [[ -n $KEEP ]]; then
+        echo "KILN-NESTED-RESULT FAIL ($FAILS check(s) failed; console log: $WORK/console.log)"
+    else
+        echo "KILN-NESTED-RESULT FAIL ($FAILS check(s) failed; console above; rerun with --keep DIR to keep the logs and images)"
+    fi
+    exit 1
+fi
+echo "KILN-NESTED-RESULT PASS"
