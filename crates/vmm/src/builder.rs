@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use kvm_bindings::CpuId;
 use kvm_ioctls::{IoEventAddress, VcpuFd};
 use linux_loader::cmdline::Cmdline;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap};
@@ -214,16 +213,42 @@ pub fn build_cmdline(config: &VmConfig, devices: &[MmioDeviceInfo]) -> Result<Cm
 /// configuring, off the InstanceStart path.
 pub struct PreparedVm {
     vm: Vm,
-    cpuid: CpuId,
+    shape: PreparedShape,
+    vcpus: Vec<VcpuFd>,
 }
 
+/// Everything a prepared VM was built for; vCPUs cannot be removed from a KVM VM, so a
+/// different vCPU count or topology means preparing a new VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PreparedShape {
+    /// Guest memory.
+    pub memory: MemoryShape,
+    /// vCPU topology.
+    pub topology: Topology,
+}
+
+impl PartialEq for Topology {
+    fn eq(&self, other: &Self) -> bool {
+        self.vcpu_count == other.vcpu_count && self.smt == other.smt
+    }
+}
+
+impl Eq for Topology {}
+
 impl PreparedVm {
-    /// Creates the VM and its memory now.
-    pub fn new(shape: MemoryShape) -> Result<PreparedVm, StartError> {
+    /// Creates the VM, its memory and its vCPUs now, and runs the boot vCPU once.
+    pub fn new(shape: PreparedShape) -> Result<PreparedVm, StartError> {
         let mut vm = Vm::new()?;
         let cpuid = cpuid::supported(&vm.kvm)?;
-        vm.ensure_memory(shape)?;
-        Ok(PreparedVm { vm, cpuid })
+        let memory = vm.ensure_memory(shape.memory)?.clone();
+        let mut vcpus = Vec::with_capacity(shape.topology.vcpu_count as usize);
+        for index in 0..shape.topology.vcpu_count {
+            vcpus.push(vcpu::create(&vm.fd, index, &cpuid, shape.topology)?);
+        }
+        if let Some(boot) = vcpus.first_mut() {
+            vcpu::warm_up(boot, &memory, memory.last_addr().raw_value() + 1)?;
+        }
+        Ok(PreparedVm { vm, shape, vcpus })
     }
 }
 
@@ -236,7 +261,7 @@ pub struct Preparation {
 impl Preparation {
     /// Starts preparing a VM with memory of `shape`. Spawn only after the termination signals
     /// are blocked, so the helper thread inherits the mask.
-    pub fn start(shape: MemoryShape) -> Preparation {
+    pub fn start(shape: PreparedShape) -> Preparation {
         let pending = std::thread::Builder::new()
             .name("vm-prepare".into())
             .spawn(move || PreparedVm::new(shape))
@@ -246,7 +271,7 @@ impl Preparation {
     }
 
     /// Re-shapes the memory of the VM being prepared (after `PUT /machine-config`).
-    pub fn reshape(&mut self, shape: MemoryShape) {
+    pub fn reshape(&mut self, shape: PreparedShape) {
         let Some(previous) = self.pending.take() else {
             return;
         };
@@ -256,7 +281,12 @@ impl Preparation {
                 let mut prepared = previous
                     .join()
                     .map_err(|_| StartError::Device("VM preparation panicked".into()))??;
-                prepared.vm.ensure_memory(shape)?;
+                if prepared.shape.topology != shape.topology {
+                    drop(prepared);
+                    return PreparedVm::new(shape);
+                }
+                prepared.vm.ensure_memory(shape.memory)?;
+                prepared.shape = shape;
                 Ok(prepared)
             })
             .map_err(|e| tracing::debug!("no preparation thread: {e}"))
@@ -289,18 +319,26 @@ pub fn start_vm(
         .as_ref()
         .ok_or_else(|| StartError::Device("no boot source".into()))?;
     let machine = &config.machine_config;
-    let shape = MemoryShape {
-        mem_size_mib: machine.mem_size_mib,
-        track_dirty_pages: machine.track_dirty_pages,
+    let shape = PreparedShape {
+        memory: MemoryShape {
+            mem_size_mib: machine.mem_size_mib,
+            track_dirty_pages: machine.track_dirty_pages,
+        },
+        topology: Topology {
+            vcpu_count: machine.vcpu_count,
+            smt: machine.smt,
+        },
+    };
+    let prepared = match preparation.take() {
+        Some(prepared) if prepared.shape.topology == shape.topology => prepared,
+        _ => PreparedVm::new(shape)?,
     };
     let PreparedVm {
         mut vm,
-        cpuid: base_cpuid,
-    } = match preparation.take() {
-        Some(prepared) => prepared,
-        None => PreparedVm::new(shape)?,
-    };
-    let memory = vm.ensure_memory(shape)?.clone();
+        vcpus: vcpu_fds,
+        ..
+    } = prepared;
+    let memory = vm.ensure_memory(shape.memory)?.clone();
     let mem_end = memory.last_addr().raw_value() + 1;
 
     let open = |what, path: &PathBuf| {
@@ -409,23 +447,9 @@ pub fn start_vm(
     acpi::write_tables(&memory, machine.vcpu_count, &device_infos)?;
     boot::write_boot_params(&memory, &entry, cmdline_len, initrd)?;
 
-    let topology = Topology {
-        vcpu_count: machine.vcpu_count,
-        smt: machine.smt,
-    };
-    let mut vcpu_fds: Vec<VcpuFd> = Vec::with_capacity(machine.vcpu_count as usize);
-    for index in 0..machine.vcpu_count {
-        let fd = vm
-            .fd
-            .create_vcpu(index as u64)
-            .map_err(|source| vcpu::VcpuError::Kvm {
-                index,
-                what: "KVM_CREATE_VCPU",
-                source,
-            })?;
+    for (index, fd) in vcpu_fds.iter().enumerate() {
         let boot = (index == 0).then_some((entry.mode, entry.address));
-        vcpu::configure(&fd, index, &base_cpuid, topology, &memory, mem_end, boot)?;
-        vcpu_fds.push(fd);
+        vcpu::configure(fd, index as u8, &memory, mem_end, boot)?;
     }
     let vcpus = Vcpus::start(
         vcpu_fds,

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 
-use crate::builder::{self, Preparation, RunningVm, VmmOptions};
+use crate::arch::x86_64::cpuid::Topology;
+use crate::builder::{self, Preparation, PreparedShape, RunningVm, VmmOptions};
 use crate::config::{MetricsConfig, VmConfig};
 use crate::devices::boot_timer::process_cpu_us;
 use crate::devices::bus::lock;
@@ -64,10 +65,17 @@ impl Vmm {
         self.exit.clone()
     }
 
-    fn memory_shape(&self) -> MemoryShape {
-        MemoryShape {
-            mem_size_mib: self.config.machine_config.mem_size_mib,
-            track_dirty_pages: self.config.machine_config.track_dirty_pages,
+    fn prepared_shape(&self) -> PreparedShape {
+        let machine = &self.config.machine_config;
+        PreparedShape {
+            memory: MemoryShape {
+                mem_size_mib: machine.mem_size_mib,
+                track_dirty_pages: machine.track_dirty_pages,
+            },
+            topology: Topology {
+                vcpu_count: machine.vcpu_count,
+                smt: machine.smt,
+            },
         }
     }
 
@@ -75,7 +83,7 @@ impl Vmm {
     /// only loads the kernel and starts vCPUs. Call after the termination signals are
     /// blocked.
     pub fn begin_preparation(&mut self) {
-        self.preparation = Preparation::start(self.memory_shape());
+        self.preparation = Preparation::start(self.prepared_shape());
     }
 
     fn started(&self) -> bool {
@@ -117,7 +125,7 @@ impl Vmm {
                 self.pre_boot("The machine configuration")?;
                 machine.validate().map_err(|e| bad(e.to_string()))?;
                 self.config.machine_config = machine;
-                self.preparation.reshape(self.memory_shape());
+                self.preparation.reshape(self.prepared_shape());
                 Ok(VmmData::Empty)
             }
             VmmAction::PatchMachineConfig(update) => {
@@ -125,7 +133,7 @@ impl Vmm {
                 let machine = self.config.machine_config.merged(&update);
                 machine.validate().map_err(|e| bad(e.to_string()))?;
                 self.config.machine_config = machine;
-                self.preparation.reshape(self.memory_shape());
+                self.preparation.reshape(self.prepared_shape());
                 Ok(VmmData::Empty)
             }
             VmmAction::PutBootSource(boot) => {

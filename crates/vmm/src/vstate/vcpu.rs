@@ -67,14 +67,66 @@ impl VcpuControl {
     }
 }
 
-/// Sets the state for vCPU `index` before it runs: CPUID, MSRs, FPU, LAPIC, and for the boot
-/// vCPU the registers of its entry protocol.
-#[allow(clippy::too_many_arguments)]
-pub fn configure(
-    vcpu: &VcpuFd,
+/// Creates vCPU `index` and gives it its CPUID, which KVM only accepts before the vCPU first
+/// runs.
+pub fn create(
+    vm: &kvm_ioctls::VmFd,
     index: u8,
     base_cpuid: &CpuId,
     topology: Topology,
+) -> Result<VcpuFd, VcpuError> {
+    let kvm_err = |what| {
+        move |source| VcpuError::Kvm {
+            index,
+            what,
+            source,
+        }
+    };
+    let vcpu = vm
+        .create_vcpu(index as u64)
+        .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+    vcpu.set_cpuid2(&cpuid::for_vcpu(base_cpuid, index, topology))
+        .map_err(kvm_err("KVM_SET_CPUID2"))?;
+    Ok(vcpu)
+}
+
+/// Guest address of the two-byte warm-up stub (unused low memory, zeroed again afterwards).
+const WARM_UP_STUB: u64 = 0x1000;
+
+/// Runs the boot vCPU once, in the long mode it will boot in, through a two-byte stub
+/// (`out %al, $0x80`).
+///
+/// On some hosts the first KVM_RUN of a vCPU costs milliseconds of one-time set-up; paying it
+/// while the client is still configuring keeps it off the InstanceStart → first-instruction
+/// path. [`configure`] then overwrites every register the stub touched.
+pub fn warm_up(vcpu: &mut VcpuFd, mem: &GuestMemoryMmap, mem_end: u64) -> Result<(), VcpuError> {
+    use vm_memory::{Bytes, GuestAddress};
+    let kvm_err = |what| {
+        move |source| VcpuError::Kvm {
+            index: 0,
+            what,
+            source,
+        }
+    };
+    mem.write_slice(&[0xe6, 0x80], GuestAddress(WARM_UP_STUB))
+        .map_err(|e| VcpuError::Regs(0, RegsError::Memory(e)))?;
+    regs::setup_boot_vcpu(vcpu, mem, mem_end, EntryMode::LinuxBoot64, WARM_UP_STUB)
+        .map_err(|e| VcpuError::Regs(0, e))?;
+    match vcpu.run() {
+        Ok(VcpuExit::IoOut(0x80, _)) => {}
+        Ok(other) => tracing::debug!("vCPU warm-up ended with {other:?}"),
+        Err(e) => return Err(kvm_err("KVM_RUN (warm-up)")(e)),
+    }
+    mem.write_slice(&[0, 0], GuestAddress(WARM_UP_STUB))
+        .map_err(|e| VcpuError::Regs(0, RegsError::Memory(e)))?;
+    Ok(())
+}
+
+/// Sets the state for vCPU `index` before the guest runs: MSRs, FPU, LAPIC, and for the boot
+/// vCPU the registers of its entry protocol.
+pub fn configure(
+    vcpu: &VcpuFd,
+    index: u8,
     mem: &GuestMemoryMmap,
     mem_end: u64,
     boot: Option<(EntryMode, u64)>,
@@ -86,8 +138,6 @@ pub fn configure(
             source,
         }
     };
-    vcpu.set_cpuid2(&cpuid::for_vcpu(base_cpuid, index, topology))
-        .map_err(kvm_err("KVM_SET_CPUID2"))?;
     msr::setup_msrs(vcpu).map_err(|e| VcpuError::Msr(index, e))?;
     regs::setup_fpu(vcpu).map_err(|e| VcpuError::Regs(index, e))?;
     set_lint(vcpu).map_err(kvm_err("KVM_SET_LAPIC"))?;

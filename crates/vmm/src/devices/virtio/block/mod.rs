@@ -170,7 +170,11 @@ impl VirtioDevice for Block {
     }
 
     fn avail_features(&self) -> u64 {
-        let mut features = VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | VIRTIO_RING_F_EVENT_IDX;
+        let mut features = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX;
+        // As in Firecracker: only a write-back cache has anything for the guest to flush.
+        if self.cache_type == CacheType::Writeback {
+            features |= VIRTIO_BLK_F_FLUSH;
+        }
         if self.read_only {
             features |= VIRTIO_BLK_F_RO;
         }

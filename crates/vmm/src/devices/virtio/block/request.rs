@@ -26,6 +26,11 @@ const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 /// Size of the request header (type, reserved, sector).
 const HEADER_SIZE: u32 = 16;
 
+/// Most descriptors one request may use. The ring holds at most this many, but an indirect
+/// table (a feature kiln-vmm does not offer, yet a hostile driver may still use) could list up
+/// to 65535; longer chains are refused instead of buffered.
+const MAX_DESCRIPTORS_PER_REQUEST: usize = super::QUEUE_SIZE as usize;
+
 /// What the request needs to know about the disk.
 pub struct DiskInfo<'a> {
     pub capacity_sectors: u64,
@@ -56,7 +61,12 @@ pub fn process_queue(
     loop {
         let chains: Vec<(u16, Vec<Descriptor>)> = match queue.iter(memory) {
             Ok(iter) => iter
-                .map(|chain| (chain.head_index(), chain.collect::<Vec<Descriptor>>()))
+                .map(|chain| {
+                    let head = chain.head_index();
+                    let descriptors: Vec<Descriptor> =
+                        chain.take(MAX_DESCRIPTORS_PER_REQUEST + 1).collect();
+                    (head, descriptors)
+                })
                 .collect(),
             Err(e) => return QueueOutcome::Broken(format!("available ring: {e}")),
         };
@@ -99,7 +109,11 @@ fn serve(
         metrics.inc_invalid();
         return 0;
     };
-    if descriptors.len() < 2 || !status.is_write_only() || status.len() < 1 {
+    if descriptors.len() < 2
+        || descriptors.len() > MAX_DESCRIPTORS_PER_REQUEST
+        || !status.is_write_only()
+        || status.len() < 1
+    {
         metrics.inc_invalid();
         return 0;
     }
