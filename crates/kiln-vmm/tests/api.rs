@@ -933,3 +933,39 @@ fn boot_hello_with_the_getting_started_sequence() {
     assert_eq!(status.code(), Some(0), "stderr:\n{}", vmm.stderr.text());
     assert!(!vmm.api_sock.as_ref().expect("sock").exists());
 }
+
+#[test]
+fn boot_after_a_failed_instance_start() {
+    if !kvm_or_skip("boot_after_a_failed_instance_start") {
+        return;
+    }
+    let mut vmm = start_vmm();
+    // Readable but not a kernel: accepted by PUT, refused by InstanceStart.
+    let junk: Vec<u8> = (0..8192u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let junk_path = vmm.dir.join("junk.bin");
+    std::fs::write(&junk_path, junk).expect("write");
+    vmm.put_ok(
+        "/boot-source",
+        &json!({ "kernel_image_path": path_str(&junk_path) }).to_string(),
+    );
+    expect_400(
+        &vmm,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type":"InstanceStart"}"#),
+        "",
+    );
+    assert_eq!(vmm.instance_info()["state"], "Not started");
+    // The client can fix the configuration and start again.
+    getting_started(&vmm, &test_guests::guest("hello"));
+    vmm.put_ok("/actions", r#"{"action_type":"InstanceStart"}"#);
+    let status = vmm.expect_exit(Duration::from_secs(30));
+    assert!(
+        vmm.stdout.text().contains("Hello from a kiln test guest!"),
+        "stdout:\n{}",
+        vmm.stdout.text()
+    );
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", vmm.stderr.text());
+}

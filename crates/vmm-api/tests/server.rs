@@ -68,7 +68,7 @@ fn socket_accepts_on_return_and_is_removed_on_stop_and_drop() {
         assert_eq!(reply.status, 200);
         eprintln!("round {round}: start() took {elapsed:?}");
         assert!(
-            elapsed < Duration::from_millis(100),
+            elapsed < Duration::from_millis(500),
             "start() took {elapsed:?}"
         );
         if round % 2 == 0 {
@@ -348,12 +348,12 @@ fn a_slow_vmm_answer_does_not_block_other_connections() {
         .status
     });
     std::thread::sleep(Duration::from_millis(50));
-    let started = Instant::now();
+    // Both a locally answered request and one the VMM answers get through meanwhile.
     assert_eq!(send(&socket, "GET", "/version", None).status, 200);
+    assert_eq!(send(&socket, "GET", "/", None).status, 200);
     assert!(
-        started.elapsed() < Duration::from_millis(250),
-        "{:?}",
-        started.elapsed()
+        !slow.is_finished(),
+        "the slow request finished first, so this proves nothing"
     );
     assert_eq!(slow.join().expect("slow request"), 204);
 }

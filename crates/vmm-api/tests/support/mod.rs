@@ -49,7 +49,8 @@ impl Drop for Scratch {
 /// How the fake VMM answers, chosen by the test through the request itself.
 ///
 /// `PUT /logger` with `log_path` `/fail/bad` is refused (400), `/fail/internal` fails (500),
-/// `/fail/drop` is dropped without an answer, and `/slow` is answered after 300 ms.
+/// `/fail/drop` is dropped without an answer, and `/slow` is answered after 2 s (from
+/// another thread, so that the fake VMM keeps answering other requests meanwhile).
 pub struct FakeVmm {
     /// Every action received, in order.
     pub received: Arc<Mutex<Vec<VmmAction>>>,
@@ -129,7 +130,7 @@ impl FakeVmm {
                             Some("/slow") => {
                                 let respond = request.respond;
                                 std::thread::spawn(move || {
-                                    std::thread::sleep(Duration::from_millis(300));
+                                    std::thread::sleep(Duration::from_secs(2));
                                     respond(Ok(VmmData::Empty));
                                 });
                                 continue;
