@@ -969,3 +969,59 @@ fn boot_after_a_failed_instance_start() {
     );
     assert_eq!(status.code(), Some(0), "stderr:\n{}", vmm.stderr.text());
 }
+
+#[test]
+fn boot_uses_the_configuration_the_api_reports() {
+    if !kvm_or_skip("boot_uses_the_configuration_the_api_reports") {
+        return;
+    }
+    let mut vmm = start_vmm();
+    let kernel = test_guests::guest("bootinfo");
+    // Change the shape more than once, as a client correcting itself would; the VMM may have
+    // prepared the default shape in the background meanwhile.
+    vmm.put_ok("/machine-config", r#"{"vcpu_count":2,"mem_size_mib":256}"#);
+    vmm.patch_ok("/machine-config", r#"{"vcpu_count":4}"#);
+    vmm.put_ok(
+        "/boot-source",
+        &json!({ "kernel_image_path": path_str(&kernel), "boot_args": BOOT_ARGS }).to_string(),
+    );
+    let config = get_json(&vmm, "/vm/config");
+    assert_eq!(config["machine-config"]["vcpu_count"], 4);
+    assert_eq!(config["machine-config"]["mem_size_mib"], 256);
+    vmm.put_ok("/actions", r#"{"action_type":"InstanceStart"}"#);
+    assert!(
+        vmm.stdout
+            .wait_for("bootinfo: done", Duration::from_secs(30))
+            .is_some(),
+        "bootinfo did not finish\nstdout:\n{}\nstderr:\n{}",
+        vmm.stdout.text(),
+        vmm.stderr.text()
+    );
+    let lines = vmm.stdout.lines();
+    let cmdline = lines
+        .iter()
+        .find(|l| l.starts_with("bootinfo: cmdline="))
+        .expect("cmdline line");
+    assert!(cmdline.contains(BOOT_ARGS), "{cmdline}");
+    let madt = lines
+        .iter()
+        .find(|l| l.starts_with("bootinfo: madt checksum="))
+        .expect("madt line");
+    assert!(madt.contains("enabled=4"), "{madt}");
+    let ram: u64 = lines
+        .iter()
+        .filter(|l| l.starts_with("bootinfo: e820 addr=") && l.ends_with("type=1"))
+        .filter_map(|l| {
+            let size = l.split("size=0x").nth(1)?.split(' ').next()?;
+            u64::from_str_radix(size, 16).ok()
+        })
+        .sum();
+    assert!(
+        ram > 250 << 20 && ram <= 256 << 20,
+        "usable RAM in the e820 map is {ram:#x} bytes, not about 256 MiB\n{}",
+        vmm.stdout.text()
+    );
+    // bootinfo resets the machine when done, which ends the VMM cleanly.
+    let status = vmm.expect_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", vmm.stderr.text());
+}
