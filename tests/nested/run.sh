@@ -249,6 +249,7 @@ busybox_root() { # busybox_root ROOT INIT-SCRIPT
 
 # ---------------------------------------------------------------- inner initramfs
 NONCE="kiln-host-$(date +%s)-$$-$RANDOM"
+echo "KILN-HOST-NONCE $NONCE"
 INNER_ROOT=$WORK/inner-root
 rm -rf "$INNER_ROOT"
 busybox_root "$INNER_ROOT" "$HERE/inner-init.sh"
