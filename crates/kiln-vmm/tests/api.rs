@@ -425,7 +425,7 @@ fn invalid_machine_configurations_are_refused() {
         (r#"{"vcpu_count":31,"mem_size_mib":128}"#, "vcpu_count 31"),
         (r#"{"vcpu_count":33,"mem_size_mib":128}"#, "vcpu_count 33"),
         (r#"{"vcpu_count":34,"mem_size_mib":128}"#, "maximum"),
-        (r#"{"vcpu_count":1,"mem_size_mib":128,"smt":true}"#, "smt"),
+        (r#"{"vcpu_count":3,"mem_size_mib":128,"smt":true}"#, "smt"),
         (r#"{"vcpu_count":1,"mem_size_mib":0}"#, "mem_size_mib"),
         (
             r#"{"vcpu_count":1,"mem_size_mib":1099511627776}"#,
@@ -446,7 +446,7 @@ fn invalid_machine_configurations_are_refused() {
         (r#"{"vcpu_count":0}"#, "vcpu_count"),
         (r#"{"vcpu_count":7}"#, "vcpu_count 7"),
         (r#"{"mem_size_mib":0}"#, "mem_size_mib"),
-        (r#"{"smt":true}"#, "smt"),
+        (r#"{"vcpu_count":3,"smt":true}"#, "smt"),
     ] {
         expect_400(&vmm, "PATCH", "/machine-config", Some(body), needle);
     }

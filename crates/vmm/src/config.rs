@@ -356,7 +356,8 @@ impl MachineConfig {
         if vcpus > MAX_VCPUS {
             return Err(ConfigError::VcpuCountTooLarge(vcpus));
         }
-        if self.smt && !vcpus.is_multiple_of(2) {
+        // As in Firecracker, a single vCPU is allowed with SMT (one core, one thread).
+        if self.smt && vcpus > 1 && !vcpus.is_multiple_of(2) {
             return Err(ConfigError::SmtNeedsEvenVcpus(vcpus));
         }
         if vcpus > 1 && !vcpus.is_multiple_of(2) {
@@ -596,13 +597,16 @@ mod tests {
                 "{err:?}"
             );
         }
-        for vcpus in [1, 3] {
+        for vcpus in [3, 5] {
             let err = machine(vcpus, 128, true).validate_with_host_memory(None);
             assert!(
                 matches!(err, Err(ConfigError::SmtNeedsEvenVcpus(_))),
                 "{err:?}"
             );
         }
+        assert!(machine(1, 128, true)
+            .validate_with_host_memory(None)
+            .is_ok());
         let message = machine(3, 128, false)
             .validate_with_host_memory(None)
             .map_err(|e| e.to_string());

@@ -179,8 +179,8 @@ impl Vmm {
                 Ok(VmmData::Empty)
             }
             VmmAction::PatchDrive(update) => {
-                update.validate().map_err(|e| bad(e.to_string()))?;
                 let running = self.post_boot("Updating a drive")?;
+                update.validate().map_err(|e| bad(e.to_string()))?;
                 let attached = running
                     .drives
                     .iter()
