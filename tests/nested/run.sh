@@ -21,6 +21,9 @@
 #   --outer-disk blockdev|copy
 #                       nested mode: give kiln-vmm the outer VM's /dev/vda (default), or a
 #                       regular-file copy of it on the outer tmpfs that is copied back afterwards
+#   --inner-cmdline STR replace the inner kernel command line (default:
+#                       "console=ttyS0 reboot=k panic=1 pci=off quiet i8042.noprobe"); e.g. drop
+#                       "quiet" and add "loglevel=8" to see the inner kernel's whole boot log
 #   --timeout SECONDS   wall-clock limit for the VM run (default 240)
 #   -h | --help
 #
@@ -60,6 +63,7 @@ while [[ $# -gt 0 ]]; do
         --nested) MODE=nested; shift ;;
         --direct) MODE=direct; shift ;;
         --outer-disk) OUTER_DISK=${2:?--outer-disk needs blockdev or copy}; shift 2 ;;
+        --inner-cmdline) INNER_ARGS=${2:?--inner-cmdline needs a string}; shift 2 ;;
         --timeout) TIMEOUT=${2:?--timeout needs seconds}; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) die "unknown argument '$1' (try --help)" ;;
@@ -67,6 +71,7 @@ while [[ $# -gt 0 ]]; do
 done
 [[ $INNER_VMM == kiln || $INNER_VMM == qemu ]] || die "--inner-vmm must be kiln or qemu"
 [[ $OUTER_DISK == blockdev || $OUTER_DISK == copy ]] || die "--outer-disk must be blockdev or copy"
+[[ $INNER_ARGS != *'"'* && $INNER_ARGS != *'\'* ]] || die "--inner-cmdline must not contain \" or \\"
 [[ $TIMEOUT =~ ^[0-9]+$ ]] || die "--timeout must be a number of seconds"
 
 if [[ $MODE == auto ]]; then
@@ -171,7 +176,7 @@ if [[ $MODE == nested || $MODE == direct ]]; then
         need cargo "cargo (rustup)"
         log "building static kiln-vmm (target/static)"
         (cd "$REPO" &&
-            CARGO_TARGET_DIR="$REPO/target/static" RUSTFLAGS='-C target-feature=+crt-static' \
+            CARGO_TARGET_DIR="$REPO/target/static" RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C target-feature=+crt-static" \
                 cargo build --release -p kiln-vmm --target x86_64-unknown-linux-gnu >&2) ||
             die "cargo build of static kiln-vmm failed"
         KILN_VMM=$REPO/target/static/x86_64-unknown-linux-gnu/release/kiln-vmm
