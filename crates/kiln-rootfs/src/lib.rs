@@ -1,0 +1,1 @@
+//! Root filesystems for kiln: OCI layers applied safely into a directory, then an ext4 disk.

@@ -1,0 +1,4 @@
+//! One module per `kiln` subcommand group.
+
+pub mod image;
+pub mod kernel;
