@@ -348,12 +348,6 @@ fn malformed_requests_are_refused_with_400() {
             Some(r#"{"iface_id":"eth0","host_dev_name":"tap0"}"#),
             "Invalid request method and/or path",
         ),
-        (
-            "PUT",
-            "/vsock",
-            Some(r#"{"guest_cid":3,"uds_path":"/v.sock"}"#),
-            "Invalid request method and/or path",
-        ),
         // Ids.
         (
             "PUT",
@@ -1024,4 +1018,59 @@ fn boot_uses_the_configuration_the_api_reports() {
     // bootinfo resets the machine when done, which ends the VMM cleanly.
     let status = vmm.expect_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(0), "stderr:\n{}", vmm.stderr.text());
+}
+
+#[test]
+fn vsock_and_entropy_devices_are_configured_and_bad_values_refused() {
+    let vmm = start_vmm();
+    let sock = vmm.dir.join("v.sock");
+    let sock = path_str(&sock);
+    expect_400(
+        &vmm,
+        "PUT",
+        "/vsock",
+        Some(&format!(r#"{{"guest_cid":2,"uds_path":"{sock}"}}"#)),
+        "guest_cid 2 is reserved",
+    );
+    expect_400(
+        &vmm,
+        "PUT",
+        "/vsock",
+        Some(r#"{"guest_cid":3,"uds_path":"/no/such/dir/v.sock"}"#),
+        "does not exist",
+    );
+    let taken = scratch_file(&vmm, "taken.sock", 0);
+    expect_400(
+        &vmm,
+        "PUT",
+        "/vsock",
+        Some(&format!(
+            r#"{{"guest_cid":3,"uds_path":"{}"}}"#,
+            path_str(&taken)
+        )),
+        "already exists",
+    );
+    expect_400(
+        &vmm,
+        "PUT",
+        "/vsock",
+        Some(&format!(r#"{{"guest_cid":"three","uds_path":"{sock}"}}"#)),
+        "guest_cid",
+    );
+    vmm.put_ok(
+        "/vsock",
+        &format!(r#"{{"guest_cid":3,"uds_path":"{sock}"}}"#),
+    );
+    vmm.put_ok("/entropy", "{}");
+    expect_400(
+        &vmm,
+        "PUT",
+        "/entropy",
+        Some(r#"{"rate_limiter":{"bandwidth":{"size":1}}}"#),
+        "rate_limiter",
+    );
+    let config = get_json(&vmm, "/vm/config");
+    assert_eq!(config["vsock"]["guest_cid"], 3, "{config}");
+    assert_eq!(config["vsock"]["uds_path"], sock, "{config}");
+    assert_eq!(config["entropy"], serde_json::json!({}), "{config}");
 }

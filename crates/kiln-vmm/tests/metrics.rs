@@ -51,7 +51,10 @@ fn block_metrics_count_the_guests_reads_writes_and_flushes() {
     // sectors back.
     assert_eq!(block["write_bytes"], 4 * 512, "{last}");
     assert_eq!(block["flush_count"], 1, "{last}");
-    assert!(block["read_bytes"].as_u64().unwrap_or(0) >= 5 * 512, "{last}");
+    assert!(
+        block["read_bytes"].as_u64().unwrap_or(0) >= 5 * 512,
+        "{last}"
+    );
     assert_eq!(block["io_errors"], 0, "{last}");
     assert!(last["utc_timestamp_ms"].as_u64().unwrap_or(0) > 0, "{last}");
 }

@@ -11,8 +11,8 @@
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use vmm::config::{
-    validate_id, BootSourceConfig, ConfigError, DriveConfig, DriveUpdate, LoggerConfig,
-    MachineConfig, MachineConfigUpdate, MetricsConfig,
+    validate_id, BootSourceConfig, ConfigError, DriveConfig, DriveUpdate, EntropyConfig,
+    LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig, VsockConfig,
 };
 use vmm::rpc::VmmAction;
 
@@ -59,10 +59,12 @@ pub(crate) enum RequestError {
     #[error("A GET request cannot have a body.")]
     GetWithBody,
     /// The body is not the JSON this route takes (syntax, unknown field, wrong type...).
-    #[error("The request body could not be parsed as {what}: {source}.")]
+    #[error("The request body could not be parsed as {what}: {field}{source}.")]
     Json {
         /// The kind of object expected, for the message.
         what: &'static str,
+        /// "field `name`: " when the problem is inside a field, else empty.
+        field: String,
         /// serde's description of the problem, with line and column.
         #[source]
         source: serde_json::Error,
@@ -133,7 +135,28 @@ fn json<T: DeserializeOwned>(what: &'static str, body: &[u8]) -> Result<T, Reque
     if first.is_some_and(|&b| b != b'{') {
         return Err(RequestError::NotAnObject { what });
     }
-    serde_json::from_slice(body).map_err(|source| RequestError::Json { what, source })
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let value: T = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path.is_empty() || path == "." {
+            String::new()
+        } else {
+            format!("field `{path}`: ")
+        };
+        RequestError::Json {
+            what,
+            field,
+            source: e.into_inner(),
+        }
+    })?;
+    deserializer
+        .end()
+        .map_err(|source| RequestError::Json {
+            what,
+            field: String::new(),
+            source,
+        })?;
+    Ok(value)
 }
 
 /// Routes one request. `path` is the URI path without the query; `body` is empty when the
@@ -169,6 +192,8 @@ pub(crate) fn parse(method: &str, path: &str, body: &[u8]) -> Result<Parsed, Req
         (Method::Patch, ["vm"]) => Route::Vm,
         (Method::Put, ["logger"]) => Route::Logger,
         (Method::Put, ["metrics"]) => Route::Metrics,
+        (Method::Put, ["vsock"]) => Route::Vsock,
+        (Method::Put, ["entropy"]) => Route::Entropy,
         _ => return Err(invalid()),
     };
 
@@ -236,6 +261,11 @@ pub(crate) fn parse(method: &str, path: &str, body: &[u8]) -> Result<Parsed, Req
         Route::Metrics => {
             VmmAction::PutMetrics(json::<MetricsConfig>("a metrics configuration", body)?)
         }
+        Route::Vsock => VmmAction::PutVsock(json::<VsockConfig>("a vsock configuration", body)?),
+        Route::Entropy => VmmAction::PutEntropy(json::<EntropyConfig>(
+            "an entropy device configuration",
+            body,
+        )?),
     };
     Ok(Parsed::Vmm(action))
 }
@@ -255,7 +285,11 @@ fn logger_config(body: &[u8]) -> Result<LoggerConfig, RequestError> {
             }
         }
     }
-    serde_json::from_value(value).map_err(|source| RequestError::Json { what: WHAT, source })
+    serde_json::from_value(value).map_err(|source| RequestError::Json {
+        what: WHAT,
+        field: String::new(),
+        source,
+    })
 }
 
 /// The routes, resolved before the body is looked at.
@@ -274,6 +308,8 @@ enum Route<'a> {
     Vm,
     Logger,
     Metrics,
+    Vsock,
+    Entropy,
 }
 
 /// The path and body must name the same drive, so that a client cannot configure one drive

@@ -225,7 +225,7 @@ fn document_is_well_formed() {
     let operations = operations(&spec);
     assert_eq!(
         operations.len(),
-        13,
+        15,
         "{:?}",
         operations
             .iter()

@@ -25,9 +25,11 @@ use crate::devices::legacy::serial::{SerialConsole, COM1_PORT, COM1_PORT_COUNT};
 use crate::devices::legacy::IrqLine;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
+use crate::devices::virtio::rng::Entropy;
+use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::devices::Bus;
-use crate::metrics::BlockMetrics;
+use crate::metrics::{BlockMetrics, EntropyMetrics, VsockMetrics};
 use crate::vstate::exit::ExitSignal;
 use crate::vstate::vcpu::{self, VcpuRuntime, Vcpus};
 use crate::vstate::vm::{MemoryShape, Vm};
@@ -105,6 +107,22 @@ pub struct AttachedDrive {
     pub metrics: Arc<BlockMetrics>,
 }
 
+/// The vsock device of a running VM.
+pub struct AttachedVsock {
+    /// The device.
+    pub device: Arc<Mutex<Vsock>>,
+    /// Its counters.
+    pub metrics: Arc<VsockMetrics>,
+}
+
+/// The entropy device of a running VM.
+pub struct AttachedEntropy {
+    /// The device.
+    pub device: Arc<Mutex<Entropy>>,
+    /// Its counters.
+    pub metrics: Arc<EntropyMetrics>,
+}
+
 /// A booted VM and the handles the event loop needs.
 pub struct RunningVm {
     /// Keeps the VM (and so every KVM resource) alive.
@@ -119,6 +137,10 @@ pub struct RunningVm {
     pub i8042: Arc<Mutex<I8042>>,
     /// Block devices in slot order.
     pub drives: Vec<AttachedDrive>,
+    /// The vsock device, if configured.
+    pub vsock: Option<AttachedVsock>,
+    /// The entropy device, if configured.
+    pub entropy: Option<AttachedEntropy>,
 }
 
 fn serial_writer(output: &SerialOutput) -> Result<Box<dyn Write + Send>, StartError> {
@@ -384,15 +406,17 @@ pub fn start_vm(
         .map_err(device_err)?;
     }
     let drives_config = ordered_drives(&config.drives);
-    if drives_config.len() as u64 > VIRTIO_MMIO_SLOTS {
+    let virtio_count = drives_config.len()
+        + usize::from(config.vsock.is_some())
+        + usize::from(config.entropy.is_some());
+    if virtio_count as u64 > VIRTIO_MMIO_SLOTS {
         return Err(StartError::Device(format!(
-            "{} drives given, at most {VIRTIO_MMIO_SLOTS} virtio devices fit",
-            drives_config.len()
+            "{virtio_count} virtio devices configured, at most {VIRTIO_MMIO_SLOTS} fit"
         )));
     }
     let mut drives = Vec::new();
     let mut device_infos = Vec::new();
-    for (slot, drive) in drives_config.iter().enumerate() {
+    for drive in &drives_config {
         let metrics = Arc::new(BlockMetrics::default());
         let block = Block::new(
             &drive.drive_id,
@@ -402,34 +426,43 @@ pub fn start_vm(
             metrics.clone(),
         )
         .map_err(device_err)?;
-        let info = MmioDeviceInfo {
-            address: VIRTIO_MMIO_START + slot as u64 * VIRTIO_MMIO_SIZE,
-            size: VIRTIO_MMIO_SIZE,
-            irq: VIRTIO_IRQ_BASE + slot as u32,
-        };
-        for (queue, event) in block.queue_events().iter().enumerate() {
-            vm.fd
-                .register_ioevent(
-                    event,
-                    &IoEventAddress::Mmio(info.address + NOTIFY_REG_OFFSET),
-                    queue as u32,
-                )
-                .map_err(|e| {
-                    StartError::Device(format!("ioeventfd for {}: {e}", drive.drive_id))
-                })?;
-        }
-        let interrupt = Arc::new(VirtioInterrupt::new(irq_line(&vm, info.irq)?));
         let device = Arc::new(Mutex::new(block));
-        let transport = MmioTransport::new(device.clone(), memory.clone(), interrupt);
-        mmio.insert(Arc::new(Mutex::new(transport)), info.address, info.size)
-            .map_err(device_err)?;
+        let info = attach_virtio(&vm, &memory, &mut mmio, device.clone(), device_infos.len())?;
+        device_infos.push(info);
         drives.push(AttachedDrive {
             config: drive.clone(),
             device,
             metrics,
         });
-        device_infos.push(info);
     }
+    let vsock = match &config.vsock {
+        Some(vsock_config) => {
+            let metrics = Arc::new(VsockMetrics::default());
+            let vsock = Vsock::new(
+                u64::from(vsock_config.guest_cid),
+                &vsock_config.uds_path,
+                metrics.clone(),
+            )
+            .map_err(device_err)?;
+            let device = Arc::new(Mutex::new(vsock));
+            let info = attach_virtio(&vm, &memory, &mut mmio, device.clone(), device_infos.len())?;
+            device_infos.push(info);
+            Some(AttachedVsock { device, metrics })
+        }
+        None => None,
+    };
+    let entropy = match &config.entropy {
+        Some(_) => {
+            let metrics = Arc::new(EntropyMetrics::default());
+            let device = Arc::new(Mutex::new(
+                Entropy::new(metrics.clone()).map_err(device_err)?,
+            ));
+            let info = attach_virtio(&vm, &memory, &mut mmio, device.clone(), device_infos.len())?;
+            device_infos.push(info);
+            Some(AttachedEntropy { device, metrics })
+        }
+        None => None,
+    };
 
     let cmdline = build_cmdline(config, &device_infos)?;
     boot::load_cmdline(&memory, &cmdline)?;
@@ -466,5 +499,40 @@ pub fn start_vm(
         serial,
         i8042,
         drives,
+        vsock,
+        entropy,
     })
+}
+
+/// Puts a virtio device in MMIO slot `slot`: its register window on the MMIO bus, one
+/// ioeventfd per queue on the notify register, and an irqfd for its interrupt line.
+fn attach_virtio<D: VirtioDevice + 'static>(
+    vm: &Vm,
+    memory: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    device: Arc<Mutex<D>>,
+    slot: usize,
+) -> Result<MmioDeviceInfo, StartError> {
+    let info = MmioDeviceInfo {
+        address: VIRTIO_MMIO_START + slot as u64 * VIRTIO_MMIO_SIZE,
+        size: VIRTIO_MMIO_SIZE,
+        irq: VIRTIO_IRQ_BASE + slot as u32,
+    };
+    {
+        let device = crate::devices::bus::lock(&device);
+        for (queue, event) in device.queue_events().iter().enumerate() {
+            vm.fd
+                .register_ioevent(
+                    event,
+                    &IoEventAddress::Mmio(info.address + NOTIFY_REG_OFFSET),
+                    queue as u32,
+                )
+                .map_err(|e| StartError::Device(format!("ioeventfd in virtio slot {slot}: {e}")))?;
+        }
+    }
+    let interrupt = Arc::new(VirtioInterrupt::new(irq_line(vm, info.irq)?));
+    let transport = MmioTransport::new(device, memory.clone(), interrupt);
+    mmio.insert(Arc::new(Mutex::new(transport)), info.address, info.size)
+        .map_err(device_err)?;
+    Ok(info)
 }

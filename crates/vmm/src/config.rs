@@ -230,12 +230,73 @@ pub struct VmConfig {
     /// Metrics sink.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
+    /// The vsock device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
+    /// The entropy device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<EntropyConfig>,
+}
+
+/// The entropy device (`PUT /entropy`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntropyConfig {}
+
+/// The vsock device (`PUT /vsock`): the guest's context id and the host-side Unix socket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id; 0-2 are reserved (hypervisor, local, host).
+    pub guest_cid: u32,
+    /// Host Unix socket: host processes connect here; guest connections to port P reach
+    /// `{uds_path}_{P}`.
+    pub uds_path: PathBuf,
+    /// Deprecated in Firecracker, accepted and ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+}
+
+impl VsockConfig {
+    /// Checks the context id and that the socket path is free and its directory exists.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.guest_cid < 3 {
+            return Err(ConfigError::Invalid(format!(
+                "guest_cid {} is reserved; use 3 or more.",
+                self.guest_cid
+            )));
+        }
+        if self.uds_path.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid("uds_path must not be empty.".into()));
+        }
+        if std::fs::symlink_metadata(&self.uds_path).is_ok() {
+            return Err(ConfigError::Invalid(format!(
+                "The vsock socket path {} already exists; remove it or choose another.",
+                self.uds_path.display()
+            )));
+        }
+        let parent = self
+            .uds_path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        if !parent.is_dir() {
+            return Err(ConfigError::Invalid(format!(
+                "The directory of the vsock socket path {} does not exist.",
+                self.uds_path.display()
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Why a configuration was refused. The `Display` text is what API clients see as
 /// `fault_message`, so every message names the offending field, value or path.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// A value that is wrong for a reason the message spells out.
+    #[error("{0}")]
+    Invalid(String),
     /// A VM needs at least one vCPU to run anything.
     #[error("vcpu_count must be at least 1, but 0 was requested.")]
     VcpuCountZero,

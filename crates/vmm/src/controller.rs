@@ -218,6 +218,17 @@ impl Vmm {
                 self.config.metrics = Some(metrics);
                 Ok(VmmData::Empty)
             }
+            VmmAction::PutVsock(vsock) => {
+                self.pre_boot("The vsock device")?;
+                vsock.validate().map_err(|e| bad(e.to_string()))?;
+                self.config.vsock = Some(vsock);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutEntropy(entropy) => {
+                self.pre_boot("The entropy device")?;
+                self.config.entropy = Some(entropy);
+                Ok(VmmData::Empty)
+            }
             VmmAction::InstanceStart => self.start(),
             VmmAction::SendCtrlAltDel => {
                 let running = self.post_boot("SendCtrlAltDel")?;
@@ -279,6 +290,12 @@ impl Vmm {
         for drive in &running.drives {
             self.new_subscribers.push(drive.device.clone());
         }
+        if let Some(vsock) = &running.vsock {
+            self.new_subscribers.push(vsock.device.clone());
+        }
+        if let Some(entropy) = &running.entropy {
+            self.new_subscribers.push(entropy.device.clone());
+        }
         self.new_subscribers.push(Arc::new(Mutex::new(SerialInput {
             serial: running.serial.clone(),
         })));
@@ -304,6 +321,12 @@ impl Vmm {
         for drive in config.drives {
             self.handle(VmmAction::PutDrive(drive))?;
         }
+        if let Some(vsock) = config.vsock {
+            self.handle(VmmAction::PutVsock(vsock))?;
+        }
+        if let Some(entropy) = config.entropy {
+            self.handle(VmmAction::PutEntropy(entropy))?;
+        }
         Ok(())
     }
 
@@ -327,9 +350,17 @@ impl Vmm {
             return Ok(());
         };
         let mut block = serde_json::Map::new();
+        let mut vsock = serde_json::Value::Null;
+        let mut entropy = serde_json::Value::Null;
         if let Some(running) = &self.running {
             for drive in &running.drives {
                 block.insert(drive.config.drive_id.clone(), drive.metrics.to_json());
+            }
+            if let Some(device) = &running.vsock {
+                vsock = device.metrics.to_json();
+            }
+            if let Some(device) = &running.entropy {
+                entropy = device.metrics.to_json();
             }
         }
         let utc_timestamp_ms = std::time::SystemTime::now()
@@ -339,10 +370,20 @@ impl Vmm {
         let line = serde_json::json!({
             "utc_timestamp_ms": utc_timestamp_ms,
             "block": block,
+            "vsock": vsock,
+            "entropy": entropy,
         });
         writeln!(file, "{line}").map_err(|e| format!("Cannot write metrics: {e}"))?;
         self.last_metrics = Instant::now();
         Ok(())
+    }
+
+    /// Removes what the VM created on the host (the vsock socket), since the process exits
+    /// without running destructors.
+    fn release_host_resources(&mut self) {
+        if let Some(vsock) = self.running.as_ref().and_then(|r| r.vsock.as_ref()) {
+            let _ = std::fs::remove_file(lock(&vsock.device).uds_path());
+        }
     }
 
     fn drain_inbox(&mut self) {
@@ -502,6 +543,7 @@ pub fn run(vmm: Vmm, signals: Option<SignalWatch>) -> ExitReason {
             if vmm.metrics.is_some() {
                 let _ = vmm.write_metrics();
             }
+            vmm.release_host_resources();
             return reason;
         }
         if let Err(e) = manager.run_with_timeout(1000) {

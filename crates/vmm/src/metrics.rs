@@ -58,3 +58,73 @@ impl BlockMetrics {
         })
     }
 }
+
+/// Counters of the vsock device.
+#[derive(Debug, Default)]
+pub struct VsockMetrics {
+    rx_bytes: AtomicU64,
+    tx_bytes: AtomicU64,
+    connections: AtomicU64,
+    invalid_packets: AtomicU64,
+}
+
+impl VsockMetrics {
+    /// Bytes delivered to the guest.
+    pub fn add_rx(&self, bytes: u64) {
+        self.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes received from the guest.
+    pub fn add_tx(&self, bytes: u64) {
+        self.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A guest-initiated connection was accepted.
+    pub fn inc_connection(&self) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A malformed packet or ring.
+    pub fn inc_invalid(&self) {
+        self.invalid_packets.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counters as JSON.
+    pub fn to_json(&self) -> Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "rx_bytes": get(&self.rx_bytes),
+            "tx_bytes": get(&self.tx_bytes),
+            "connections": get(&self.connections),
+            "invalid_packets": get(&self.invalid_packets),
+        })
+    }
+}
+
+/// Counters of the entropy device.
+#[derive(Debug, Default)]
+pub struct EntropyMetrics {
+    bytes: AtomicU64,
+    invalid_requests: AtomicU64,
+}
+
+impl EntropyMetrics {
+    /// Random bytes handed to the guest.
+    pub fn add_bytes(&self, bytes: u64) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A malformed request.
+    pub fn inc_invalid(&self) {
+        self.invalid_requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counters as JSON.
+    pub fn to_json(&self) -> Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "bytes": get(&self.bytes),
+            "invalid_requests": get(&self.invalid_requests),
+        })
+    }
+}

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{
-    BootSourceConfig, DriveConfig, DriveUpdate, LoggerConfig, MachineConfig, MachineConfigUpdate,
-    MetricsConfig, VmConfig,
+    BootSourceConfig, DriveConfig, DriveUpdate, EntropyConfig, LoggerConfig, MachineConfig,
+    MachineConfigUpdate, MetricsConfig, VmConfig, VsockConfig,
 };
 
 /// One thing a client asks the VMM to do.
@@ -38,6 +38,10 @@ pub enum VmmAction {
     PutLogger(LoggerConfig),
     /// `PUT /metrics`.
     PutMetrics(MetricsConfig),
+    /// `PUT /vsock`.
+    PutVsock(VsockConfig),
+    /// `PUT /entropy`.
+    PutEntropy(EntropyConfig),
     /// `PUT /actions` InstanceStart.
     InstanceStart,
     /// `PUT /actions` SendCtrlAltDel.

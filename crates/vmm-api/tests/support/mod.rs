@@ -91,6 +91,12 @@ pub fn full_vm_config() -> VmConfig {
         metrics: Some(MetricsConfig {
             metrics_path: "/srv/metrics".into(),
         }),
+        vsock: Some(vmm::config::VsockConfig {
+            guest_cid: 3,
+            uds_path: "/srv/v.sock".into(),
+            vsock_id: Some("vsock0".into()),
+        }),
+        entropy: Some(vmm::config::EntropyConfig {}),
     }
 }
 

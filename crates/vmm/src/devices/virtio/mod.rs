@@ -6,6 +6,8 @@
 
 pub mod block;
 pub mod mmio;
+pub mod rng;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;

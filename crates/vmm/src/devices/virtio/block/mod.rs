@@ -4,6 +4,7 @@
 mod request;
 
 use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -60,7 +61,8 @@ fn open_disk(path: &Path, read_only: bool) -> Result<Disk, BlockError> {
         .write(!read_only)
         .open(path)
         .map_err(open_err)?;
-    let len = file.metadata().map_err(open_err)?.len();
+    // Seeking to the end also sizes block devices, whose metadata length is 0.
+    let len = (&file).seek(SeekFrom::End(0)).map_err(open_err)?;
     Ok(Disk {
         file,
         path: path.to_path_buf(),
