@@ -113,20 +113,17 @@ def find_kiln(path):
         if not os.access(path, os.X_OK):
             die(f"--kiln {path}: not an executable")
         return path
-    binary = os.path.join(REPO, "target", "release", "kiln-vmm")
+    # The static release build, as shipped (scripts/build-static.sh).
+    if not shutil.which("cargo"):
+        die("cargo is not on PATH (needed to build kiln-vmm)")
+    print("building static kiln-vmm (scripts/build-static.sh)", file=sys.stderr, flush=True)
+    out = subprocess.run([os.path.join(REPO, "scripts", "build-static.sh"), "kiln-vmm"],
+                         cwd=REPO, stdout=subprocess.PIPE, text=True)
+    if out.returncode != 0:
+        die("scripts/build-static.sh kiln-vmm failed")
+    binary = os.path.join(out.stdout.strip(), "kiln-vmm")
     if not os.access(binary, os.X_OK):
-        if not shutil.which("cargo"):
-            die(f"{binary} is not built and cargo is not on PATH")
-        # Others may be editing the tree: a broken build is retried for a while.
-        for attempt in range(1, 7):
-            print(f"building kiln-vmm (cargo build --release -p kiln-vmm), attempt {attempt}",
-                  file=sys.stderr, flush=True)
-            rc = subprocess.call(["cargo", "build", "--release", "-p", "kiln-vmm"], cwd=REPO)
-            if rc == 0 and os.access(binary, os.X_OK):
-                break
-            time.sleep(30)
-        else:
-            die("cargo build --release -p kiln-vmm keeps failing")
+        die(f"{binary} was not built")
     # Work on a private copy, so that a rebuild by someone else during the run cannot swap the
     # binary between two measurements.
     copy = os.path.join(WORK, "kiln-vmm")
@@ -515,7 +512,7 @@ def main():
     ap.add_argument("--runs", type=int, default=20, help="runs per measure and monitor (20)")
     ap.add_argument("--seq", type=int, default=20,
                     help="VMs per sequential-creation batch (20)")
-    ap.add_argument("--kiln", help="kiln-vmm binary (default: target/release/kiln-vmm, "
+    ap.add_argument("--kiln", help="kiln-vmm binary (default: the static build of scripts/build-static.sh, "
                                    "built if missing)")
     ap.add_argument("--qemu", help="qemu-system-x86_64 binary (default: from PATH)")
     ap.add_argument("--qemu-machine", default=QEMU_MACHINE,

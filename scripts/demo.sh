@@ -3,8 +3,8 @@
 # Firecracker-compatible API, exactly as a Firecracker client would, with curl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release -q -p kiln-vmm -p test-guests
-vmm=target/release/kiln-vmm
+vmm=$(scripts/build-static.sh kiln-vmm)/kiln-vmm
+cargo build --release -q -p test-guests
 guest=$(target/release/test-guest-path hello)
 dir=$(mktemp -d)
 sock="$dir/api.sock"

@@ -175,11 +175,8 @@ if [[ $MODE == nested || $MODE == direct ]]; then
     if [[ -z $KILN_VMM ]]; then
         need cargo "cargo (rustup)"
         log "building static kiln-vmm (target/static)"
-        (cd "$REPO" &&
-            CARGO_TARGET_DIR="$REPO/target/static" RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C target-feature=+crt-static" \
-                cargo build --release -p kiln-vmm --target x86_64-unknown-linux-gnu >&2) ||
-            die "cargo build of static kiln-vmm failed"
-        KILN_VMM=$REPO/target/static/x86_64-unknown-linux-gnu/release/kiln-vmm
+        dir=$("$REPO/scripts/build-static.sh" kiln-vmm) || die "cargo build of static kiln-vmm failed"
+        KILN_VMM=$dir/kiln-vmm
     fi
     [[ -x $KILN_VMM ]] || die "kiln-vmm binary $KILN_VMM missing or not executable"
     if [[ $MODE == nested ]] && ! is_static "$KILN_VMM"; then
