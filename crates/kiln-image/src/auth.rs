@@ -307,6 +307,42 @@ fn parse_bearer(params: &str) -> (Option<String>, Option<String>) {
     (realm, service)
 }
 
+/// Reads a password from the terminal without echoing it (for `kiln login`).
+pub fn prompt_password(prompt: &str) -> Result<String> {
+    use std::io::BufRead;
+    use std::os::fd::AsRawFd;
+    let tty = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+        .at("/dev/tty")?;
+    let fd = tty.as_raw_fd();
+    // SAFETY: termios is plain data; an all-zero value is valid and is overwritten by
+    // tcgetattr before use.
+    let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open for the duration of the call and `saved` is a valid termios to
+    // fill in.
+    if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
+        return Err(Error::io("/dev/tty", std::io::Error::last_os_error()));
+    }
+    let mut quiet = saved;
+    quiet.c_lflag &= !libc::ECHO;
+    quiet.c_lflag |= libc::ECHONL;
+    // SAFETY: as above; `quiet` is a valid termios derived from the current one.
+    if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &quiet) } != 0 {
+        return Err(Error::io("/dev/tty", std::io::Error::last_os_error()));
+    }
+    let mut writer = &tty;
+    let _ = writer.write_all(prompt.as_bytes());
+    let _ = writer.flush();
+    let mut line = String::new();
+    let read = std::io::BufReader::new(&tty).read_line(&mut line);
+    // SAFETY: restores the settings read above on the same open descriptor.
+    unsafe { libc::tcsetattr(fd, libc::TCSANOW, &saved) };
+    read.at("/dev/tty")?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,14 +31,14 @@ pub mod store;
 
 use std::path::PathBuf;
 
-pub use auth::{login, logout, Credentials};
+pub use auth::{login, logout, prompt_password, Credentials};
 pub use default_image::{DEFAULT_IMAGE, DEFAULT_IMAGE_ALIAS};
 pub use error::{Error, Result};
 pub use import::ImportOptions;
 pub use progress::{human_size, ProgressMode};
 pub use pull::PullOptions;
 pub use reference::normalize_reference;
-pub use store::{Compression, ImageRecord, Layer, Lease, PruneReport, Store};
+pub use store::{list_to_json, Compression, ImageRecord, Layer, Lease, PruneReport, Store};
 
 /// Re-exported so consumers name the exact config type [`ImageRecord::config`] uses.
 pub use oci_spec::image::ImageConfiguration;

@@ -94,6 +94,35 @@ pub struct ImageRecord {
     pub stored_at: u64,
 }
 
+impl ImageRecord {
+    /// The record as pretty JSON (`kiln image inspect`): reference, digest, index and config
+    /// digests, config, layers with their blob paths, size.
+    pub fn to_json(&self) -> Result<String> {
+        serde_json::to_string_pretty(self)
+            .map_err(|e| Error::Other(format!("serializing {}: {e}", self.reference)))
+    }
+
+    /// One-line summary object for listings.
+    fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "reference": self.reference,
+            "digest": self.manifest_digest,
+            "index_digest": self.index_digest,
+            "config_digest": self.config_digest,
+            "size": self.size,
+            "layers": self.layers.len(),
+            "created": self.config.created(),
+            "stored_at": self.stored_at,
+        })
+    }
+}
+
+/// A listing as a pretty JSON array of summaries (`kiln image ls --format json`).
+pub fn list_to_json(records: &[ImageRecord]) -> Result<String> {
+    let list: Vec<serde_json::Value> = records.iter().map(ImageRecord::summary).collect();
+    serde_json::to_string_pretty(&list).map_err(|e| Error::Other(format!("serializing list: {e}")))
+}
+
 /// What `prune` removed.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PruneReport {
@@ -265,6 +294,11 @@ impl Store {
     fn find<'a>(refs: &'a RefsFile, input: &str) -> Result<(&'a String, &'a RefEntry)> {
         let not_found = || Error::NotInStore {
             reference: input.to_string(),
+        };
+        let input = if input.trim() == crate::DEFAULT_IMAGE_ALIAS {
+            crate::DEFAULT_IMAGE
+        } else {
+            input
         };
         if let Ok(parsed) = reference::parse(input) {
             let whole = parsed.whole();

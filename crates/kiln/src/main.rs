@@ -19,6 +19,8 @@ enum Command {
     /// Import, list and remove guest kernels.
     #[command(subcommand)]
     Kernel(cmd::kernel::KernelCommand),
+    /// Log in to a registry; pulls then use the credentials.
+    Login(cmd::login::LoginArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -26,6 +28,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Image(command) => cmd::image::run(command),
         Command::Kernel(command) => cmd::kernel::run(command),
+        Command::Login(args) => cmd::login::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
