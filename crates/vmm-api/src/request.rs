@@ -149,13 +149,11 @@ fn json<T: DeserializeOwned>(what: &'static str, body: &[u8]) -> Result<T, Reque
             source: e.into_inner(),
         }
     })?;
-    deserializer
-        .end()
-        .map_err(|source| RequestError::Json {
-            what,
-            field: String::new(),
-            source,
-        })?;
+    deserializer.end().map_err(|source| RequestError::Json {
+        what,
+        field: String::new(),
+        source,
+    })?;
     Ok(value)
 }
 

@@ -197,6 +197,7 @@ fn maximal_body(spec: &Value, schema: &Value, scratch: &Scratch) -> Value {
                     "boot_args" => "console=ttyS0",
                     _ => "rootfs",
                 }),
+                Some("object") => maximal_body(spec, property, scratch),
                 other => panic!("{name}: no sample for type {other:?}"),
             }
         };

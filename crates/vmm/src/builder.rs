@@ -423,6 +423,7 @@ pub fn start_vm(
             &drive.path_on_host,
             drive.is_read_only,
             drive.cache_type,
+            drive.rate_limiter.as_ref(),
             metrics.clone(),
         )
         .map_err(device_err)?;
@@ -452,11 +453,11 @@ pub fn start_vm(
         None => None,
     };
     let entropy = match &config.entropy {
-        Some(_) => {
+        Some(entropy_config) => {
             let metrics = Arc::new(EntropyMetrics::default());
-            let device = Arc::new(Mutex::new(
-                Entropy::new(metrics.clone()).map_err(device_err)?,
-            ));
+            let entropy = Entropy::new(entropy_config.rate_limiter.as_ref(), metrics.clone())
+                .map_err(device_err)?;
+            let device = Arc::new(Mutex::new(entropy));
             let info = attach_virtio(&vm, &memory, &mut mmio, device.clone(), device_infos.len())?;
             device_infos.push(info);
             Some(AttachedEntropy { device, metrics })

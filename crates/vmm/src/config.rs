@@ -147,6 +147,9 @@ pub struct DriveConfig {
     /// I/O engine ("Sync" only).
     #[serde(default)]
     pub io_engine: IoEngine,
+    /// Limits on the drive's bytes and requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// A change to a drive after boot (`PATCH /drives/{drive_id}`).
@@ -158,6 +161,9 @@ pub struct DriveUpdate {
     /// New backing file; the guest sees a config-change interrupt with the new capacity.
     #[serde(default)]
     pub path_on_host: Option<PathBuf>,
+    /// New rate limits, applied at once.
+    #[serde(default)]
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// Verbosity of the VMM's log, with Firecracker's names.
@@ -241,7 +247,36 @@ pub struct VmConfig {
 /// The entropy device (`PUT /entropy`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct EntropyConfig {}
+pub struct EntropyConfig {
+    /// Limits on the bytes and requests the guest may draw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// One token bucket, in Firecracker's shape. A size or refill time of 0 disables it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBucketConfig {
+    /// Tokens (bytes or operations) the bucket holds when full.
+    pub size: u64,
+    /// Extra tokens available once, at the start, and never refilled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_time_burst: Option<u64>,
+    /// Milliseconds for an empty bucket to fill up again.
+    pub refill_time: u64,
+}
+
+/// A device's rate limits: bytes per time and operations per time.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimiterConfig {
+    /// Limit on bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<TokenBucketConfig>,
+    /// Limit on operations (requests or packets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<TokenBucketConfig>,
+}
 
 /// The vsock device (`PUT /vsock`): the guest's context id and the host-side Unix socket.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -823,6 +858,7 @@ mod tests {
             partuuid: None,
             cache_type: CacheType::default(),
             io_engine: IoEngine::default(),
+            rate_limiter: None,
         }
     }
 
@@ -907,16 +943,19 @@ mod tests {
         let update = DriveUpdate {
             drive_id: "rootfs".into(),
             path_on_host: Some(disk),
+            rate_limiter: None,
         };
         update.validate().expect("valid update");
         let update = DriveUpdate {
             drive_id: "rootfs".into(),
             path_on_host: None,
+            rate_limiter: None,
         };
         update.validate().expect("an update without a new path");
         let update = DriveUpdate {
             drive_id: "root fs".into(),
             path_on_host: None,
+            rate_limiter: None,
         };
         assert!(matches!(
             update.validate(),
@@ -925,6 +964,7 @@ mod tests {
         let update = DriveUpdate {
             drive_id: "rootfs".into(),
             path_on_host: Some(scratch.0.join("missing")),
+            rate_limiter: None,
         };
         assert!(matches!(
             update.validate(),

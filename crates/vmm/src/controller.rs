@@ -181,24 +181,33 @@ impl Vmm {
             VmmAction::PatchDrive(update) => {
                 let running = self.post_boot("Updating a drive")?;
                 update.validate().map_err(|e| bad(e.to_string()))?;
-                let attached = running
+                let device = running
                     .drives
                     .iter()
                     .find(|d| d.config.drive_id == update.drive_id)
+                    .map(|d| d.device.clone())
                     .ok_or_else(|| {
                         bad(format!("No drive with id \"{}\" exists.", update.drive_id))
                     })?;
                 if let Some(path) = &update.path_on_host {
-                    lock(&attached.device)
+                    lock(&device)
                         .update_backing_file(path)
                         .map_err(|e| bad(e.to_string()))?;
-                    if let Some(d) = self
-                        .config
-                        .drives
-                        .iter_mut()
-                        .find(|d| d.drive_id == update.drive_id)
-                    {
-                        d.path_on_host = path.clone();
+                }
+                if let Some(limits) = &update.rate_limiter {
+                    lock(&device).update_rate_limiter(limits);
+                }
+                if let Some(drive) = self
+                    .config
+                    .drives
+                    .iter_mut()
+                    .find(|d| d.drive_id == update.drive_id)
+                {
+                    if let Some(path) = &update.path_on_host {
+                        drive.path_on_host = path.clone();
+                    }
+                    if let Some(limits) = &update.rate_limiter {
+                        drive.rate_limiter = Some(limits.clone());
                     }
                 }
                 Ok(VmmData::Empty)

@@ -11,5 +11,6 @@ pub mod controller;
 pub mod devices;
 pub mod logger;
 pub mod metrics;
+pub mod rate_limiter;
 pub mod rpc;
 pub mod vstate;

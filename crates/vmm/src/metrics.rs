@@ -14,9 +14,15 @@ pub struct BlockMetrics {
     flush_count: AtomicU64,
     io_errors: AtomicU64,
     invalid_requests: AtomicU64,
+    rate_limiter_throttled: AtomicU64,
 }
 
 impl BlockMetrics {
+    /// A request held back by the rate limiter.
+    pub fn inc_throttled(&self) {
+        self.rate_limiter_throttled.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A completed read of `bytes`.
     pub fn add_read(&self, bytes: u64) {
         self.read_count.fetch_add(1, Ordering::Relaxed);
@@ -55,6 +61,7 @@ impl BlockMetrics {
             "flush_count": get(&self.flush_count),
             "io_errors": get(&self.io_errors),
             "invalid_requests": get(&self.invalid_requests),
+            "rate_limiter_throttled": get(&self.rate_limiter_throttled),
         })
     }
 }
@@ -106,9 +113,15 @@ impl VsockMetrics {
 pub struct EntropyMetrics {
     bytes: AtomicU64,
     invalid_requests: AtomicU64,
+    rate_limiter_throttled: AtomicU64,
 }
 
 impl EntropyMetrics {
+    /// A request held back by the rate limiter.
+    pub fn inc_throttled(&self) {
+        self.rate_limiter_throttled.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Random bytes handed to the guest.
     pub fn add_bytes(&self, bytes: u64) {
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -125,6 +138,7 @@ impl EntropyMetrics {
         json!({
             "bytes": get(&self.bytes),
             "invalid_requests": get(&self.invalid_requests),
+            "rate_limiter_throttled": get(&self.rate_limiter_throttled),
         })
     }
 }

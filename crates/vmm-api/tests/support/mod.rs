@@ -75,6 +75,18 @@ pub fn full_vm_config() -> VmConfig {
             partuuid: Some("0eaa91a0-01".into()),
             cache_type: CacheType::Writeback,
             io_engine: IoEngine::Sync,
+            rate_limiter: Some(vmm::config::RateLimiterConfig {
+                bandwidth: Some(vmm::config::TokenBucketConfig {
+                    size: 1 << 20,
+                    one_time_burst: Some(1 << 20),
+                    refill_time: 100,
+                }),
+                ops: Some(vmm::config::TokenBucketConfig {
+                    size: 100,
+                    one_time_burst: None,
+                    refill_time: 100,
+                }),
+            }),
         }],
         machine_config: MachineConfig {
             cpu_template: Some("None".into()),
@@ -96,7 +108,7 @@ pub fn full_vm_config() -> VmConfig {
             uds_path: "/srv/v.sock".into(),
             vsock_id: Some("vsock0".into()),
         }),
-        entropy: Some(vmm::config::EntropyConfig {}),
+        entropy: Some(vmm::config::EntropyConfig { rate_limiter: None }),
     }
 }
 

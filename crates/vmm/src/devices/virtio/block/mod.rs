@@ -5,6 +5,7 @@ mod request;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,8 +15,9 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateError, VirtioDevice, VirtioInterrupt, TYPE_BLOCK, VIRTIO_F_VERSION_1};
-use crate::config::CacheType;
+use crate::config::{CacheType, RateLimiterConfig};
 use crate::metrics::BlockMetrics;
+use crate::rate_limiter::RateLimiter;
 
 /// Bytes per virtio-blk sector.
 pub const SECTOR_SIZE: u64 = 512;
@@ -42,6 +44,9 @@ pub enum BlockError {
     /// The eventfd for the queue could not be created.
     #[error("cannot create the queue eventfd: {0}")]
     EventFd(std::io::Error),
+    /// The rate limiter could not be created.
+    #[error(transparent)]
+    RateLimiter(#[from] crate::rate_limiter::RateLimiterError),
 }
 
 /// The backing file and what the guest may do with it.
@@ -86,6 +91,7 @@ pub struct Block {
     queue_events: [EventFd; 1],
     active: Option<Active>,
     interrupt: Option<Arc<VirtioInterrupt>>,
+    limiter: RateLimiter,
     metrics: Arc<BlockMetrics>,
 }
 
@@ -96,6 +102,7 @@ impl Block {
         path: &Path,
         read_only: bool,
         cache_type: CacheType,
+        rate_limiter: Option<&RateLimiterConfig>,
         metrics: Arc<BlockMetrics>,
     ) -> Result<Block, BlockError> {
         Ok(Block {
@@ -107,6 +114,7 @@ impl Block {
             queue_events: [EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd)?],
             active: None,
             interrupt: None,
+            limiter: RateLimiter::new(rate_limiter)?,
             metrics,
         })
     }
@@ -123,6 +131,12 @@ impl Block {
             interrupt.signal_config_change();
         }
         Ok(())
+    }
+
+    /// Applies new rate limits (PATCH /drives) and serves requests they now allow.
+    pub fn update_rate_limiter(&mut self, config: &RateLimiterConfig) {
+        self.limiter.update(config);
+        self.process_queue();
     }
 
     /// Path of the current backing file.
@@ -144,6 +158,7 @@ impl Block {
                 flush_syncs: self.cache_type == CacheType::Writeback,
                 id: &self.id,
             },
+            &mut self.limiter,
             &self.metrics,
         );
         match outcome {
@@ -242,10 +257,23 @@ impl MutEventSubscriber for Block {
         if let Err(e) = ops.add(Events::new(&self.queue_events[0], EventSet::IN)) {
             tracing::error!("virtio-blk {}: cannot watch its queue: {e:?}", self.id);
         }
+        if let Err(e) = ops.add(Events::new(self.limiter.timer(), EventSet::IN)) {
+            tracing::error!(
+                "virtio-blk {}: cannot watch its rate limiter: {e:?}",
+                self.id
+            );
+        }
     }
 
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.queue_events[0].read();
-        self.process_queue();
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.limiter.timer().as_raw_fd() {
+            self.limiter.on_timer();
+        } else {
+            let _ = self.queue_events[0].read();
+        }
+        // While throttled, doorbells only queue requests; the timer resumes service.
+        if !self.limiter.is_blocked() {
+            self.process_queue();
+        }
     }
 }

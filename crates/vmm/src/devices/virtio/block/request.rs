@@ -13,6 +13,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{ID_BYTES, SECTOR_SIZE};
 use crate::metrics::BlockMetrics;
+use crate::rate_limiter::RateLimiter;
 
 const VIRTIO_BLK_T_IN: u32 = 0;
 const VIRTIO_BLK_T_OUT: u32 = 1;
@@ -49,43 +50,51 @@ pub enum QueueOutcome {
     Broken(String),
 }
 
-/// Serves every available request.
+/// Serves available requests until the ring is empty or the rate limiter says wait (then
+/// the request stays queued and the limiter's timer brings the device back).
 pub fn process_queue(
     memory: &GuestMemoryMmap,
     queue: &mut Queue,
     file: &mut File,
     disk: DiskInfo<'_>,
+    limiter: &mut RateLimiter,
     metrics: &BlockMetrics,
 ) -> QueueOutcome {
     let mut completed = false;
     loop {
-        let chains: Vec<(u16, Vec<Descriptor>)> = match queue.iter(memory) {
-            Ok(iter) => iter
-                .map(|chain| {
-                    let head = chain.head_index();
-                    let descriptors: Vec<Descriptor> =
-                        chain.take(MAX_DESCRIPTORS_PER_REQUEST + 1).collect();
-                    (head, descriptors)
-                })
-                .collect(),
+        let next = match queue.iter(memory) {
+            Ok(mut iter) => iter.next().map(|chain| {
+                let head = chain.head_index();
+                let descriptors: Vec<Descriptor> =
+                    chain.take(MAX_DESCRIPTORS_PER_REQUEST + 1).collect();
+                (head, descriptors)
+            }),
             Err(e) => return QueueOutcome::Broken(format!("available ring: {e}")),
         };
-        if chains.is_empty() {
+        let Some((head, descriptors)) = next else {
+            // With EVENT_IDX, re-check for requests that raced with re-enabling notifications.
+            match queue.enable_notification(memory) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => return QueueOutcome::Broken(format!("notification: {e}")),
+            }
+        };
+        let data_bytes: u64 = descriptors
+            .iter()
+            .skip(1)
+            .take(descriptors.len().saturating_sub(2))
+            .map(|d| u64::from(d.len()))
+            .sum();
+        if !limiter.consume(data_bytes) {
+            metrics.inc_throttled();
+            queue.go_to_previous_position();
             break;
         }
-        for (head, descriptors) in chains {
-            let used_len = serve(memory, file, &disk, &descriptors, metrics);
-            if let Err(e) = queue.add_used(memory, head, used_len) {
-                return QueueOutcome::Broken(format!("used ring: {e}"));
-            }
-            completed = true;
+        let used_len = serve(memory, file, &disk, &descriptors, metrics);
+        if let Err(e) = queue.add_used(memory, head, used_len) {
+            return QueueOutcome::Broken(format!("used ring: {e}"));
         }
-        // With EVENT_IDX, re-check for requests that raced with re-enabling notifications.
-        match queue.enable_notification(memory) {
-            Ok(true) => continue,
-            Ok(false) => break,
-            Err(e) => return QueueOutcome::Broken(format!("notification: {e}")),
-        }
+        completed = true;
     }
     if !completed {
         return QueueOutcome::Idle;

@@ -1,6 +1,7 @@
 //! virtio-rng: fills the guest's buffers with bytes from the host's kernel RNG (getrandom), so
 //! a guest has entropy early in boot without waiting for its own pool.
 
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -9,7 +10,9 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::config::RateLimiterConfig;
 use crate::metrics::EntropyMetrics;
+use crate::rate_limiter::RateLimiter;
 
 /// Virtio device type of an entropy device.
 pub const TYPE_RNG: u32 = 4;
@@ -28,6 +31,7 @@ struct Active {
 pub struct Entropy {
     queue_events: [EventFd; 1],
     active: Option<Active>,
+    limiter: RateLimiter,
     metrics: Arc<EntropyMetrics>,
 }
 
@@ -50,11 +54,15 @@ fn host_random(buffer: &mut [u8]) -> std::io::Result<()> {
 }
 
 impl Entropy {
-    /// A new entropy device.
-    pub fn new(metrics: Arc<EntropyMetrics>) -> std::io::Result<Entropy> {
+    /// A new entropy device, optionally rate limited.
+    pub fn new(
+        rate_limiter: Option<&RateLimiterConfig>,
+        metrics: Arc<EntropyMetrics>,
+    ) -> std::io::Result<Entropy> {
         Ok(Entropy {
             queue_events: [EventFd::new(libc::EFD_NONBLOCK)?],
             active: None,
+            limiter: RateLimiter::new(rate_limiter).map_err(std::io::Error::other)?,
             metrics,
         })
     }
@@ -66,8 +74,8 @@ impl Entropy {
         let memory = &active.memory;
         let mut completed = false;
         loop {
-            let chains: Vec<_> = match active.queue.iter(memory) {
-                Ok(iter) => iter.collect(),
+            let next = match active.queue.iter(memory) {
+                Ok(mut iter) => iter.next(),
                 Err(e) => {
                     tracing::warn!("virtio-rng: driver error, device needs reset: {e}");
                     self.metrics.inc_invalid();
@@ -76,10 +84,21 @@ impl Entropy {
                     return;
                 }
             };
-            if chains.is_empty() {
+            let Some(chain) = next else {
+                break;
+            };
+            let wanted: u64 = chain
+                .clone()
+                .filter(|d| d.is_write_only())
+                .map(|d| u64::from(d.len()))
+                .sum::<u64>()
+                .min(MAX_BYTES_PER_REQUEST as u64);
+            if !self.limiter.consume(wanted) {
+                self.metrics.inc_throttled();
+                active.queue.go_to_previous_position();
                 break;
             }
-            for chain in chains {
+            {
                 let head = chain.head_index();
                 let mut written = 0usize;
                 for descriptor in chain {
@@ -170,10 +189,19 @@ impl MutEventSubscriber for Entropy {
         if let Err(e) = ops.add(Events::new(&self.queue_events[0], EventSet::IN)) {
             tracing::error!("virtio-rng: cannot watch its queue: {e:?}");
         }
+        if let Err(e) = ops.add(Events::new(self.limiter.timer(), EventSet::IN)) {
+            tracing::error!("virtio-rng: cannot watch its rate limiter: {e:?}");
+        }
     }
 
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.queue_events[0].read();
-        self.process_queue();
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.limiter.timer().as_raw_fd() {
+            self.limiter.on_timer();
+        } else {
+            let _ = self.queue_events[0].read();
+        }
+        if !self.limiter.is_blocked() {
+            self.process_queue();
+        }
     }
 }
