@@ -88,9 +88,11 @@ impl MkfsExt4 {
     fn mkfs(&self, src: &Path, out: &Path, plan: &Plan) -> Result<()> {
         let file = OpenOptions::new()
             .write(true)
-            .create_new(true)
             .open(out)
-            .map_err(|e| Error::io("create image", out, e))?;
+            .map_err(|e| Error::io("open image", out, e))?;
+        // Start from an all-hole file of the planned size (also after a failed attempt).
+        file.set_len(0)
+            .map_err(|e| Error::io("size image", out, e))?;
         file.set_len(plan.blocks * BLOCK_SIZE)
             .map_err(|e| Error::io("size image", out, e))?;
         drop(file);
@@ -158,27 +160,29 @@ impl FsImageBuilder for MkfsExt4 {
         let want_free = free_space.div_ceil(BLOCK_SIZE);
         let mut plan = Plan::for_usage(&usage, want_free)?;
         tracing::debug!(?usage, ?plan, "ext4 plan");
-        // The estimate is deliberately generous; if mke2fs still runs out of room, try again
-        // bigger rather than fail an image that would fit.
-        let mut attempt = 0;
-        loop {
-            match self.mkfs(src, out, &plan) {
-                Ok(()) => break,
-                Err(Error::ToolFailed { output, .. })
-                    if attempt < 3 && looks_like_no_space(&output) =>
-                {
-                    tracing::debug!(%output, "mkfs.ext4 ran out of room; retrying bigger");
-                    remove_file(out)?;
-                    attempt += 1;
-                    plan = Plan::for_blocks(plan.blocks + plan.blocks / 2, &usage)?;
-                }
-                Err(e) => {
-                    let _ = std::fs::remove_file(out);
-                    return Err(e);
+        // Claim the output first: an existing file is not ours to overwrite or remove.
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(out)
+            .map_err(|e| Error::io("create image", out, e))?;
+        let result = (|| {
+            // The estimate is deliberately generous; if mke2fs still runs out of room, try
+            // again bigger rather than fail an image that would fit.
+            let mut attempt = 0;
+            loop {
+                match self.mkfs(src, out, &plan) {
+                    Ok(()) => break,
+                    Err(Error::ToolFailed { output, .. })
+                        if attempt < 3 && looks_like_no_space(&output) =>
+                    {
+                        tracing::debug!(%output, "mkfs.ext4 ran out of room; retrying bigger");
+                        attempt += 1;
+                        plan = Plan::for_blocks(plan.blocks + plan.blocks / 2, &usage)?;
+                    }
+                    Err(e) => return Err(e),
                 }
             }
-        }
-        let result = (|| {
             set_root_meta(src, out)?;
             let got = fs_usage(out)?;
             if got.free_blocks < want_free {
@@ -236,14 +240,6 @@ fn looks_like_no_space(output: &str) -> bool {
     ]
     .iter()
     .any(|needle| lower.contains(needle))
-}
-
-fn remove_file(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("remove", path, e)),
-    }
 }
 
 /// `mkfs.ext4 -d` gives the root inode mkfs's defaults (0755, now); the tree's root may
