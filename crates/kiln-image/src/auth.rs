@@ -224,7 +224,7 @@ fn verify(registry: &str, http: bool, credentials: &Credentials) -> Result<()> {
     let scheme = if http { "http" } else { "https" };
     let unreachable = |e: reqwest::Error| Error::Unreachable {
         registry: registry.to_string(),
-        reason: crate::pull::error_chain(&e),
+        reason: crate::pull::root_cause(&e),
     };
     let failed = |reason: &str| Error::AuthFailed {
         registry: registry.to_string(),

@@ -92,6 +92,17 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// The innermost cause of an error ("Connection refused (os error 111)").
+pub(crate) fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut last = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        last = s.to_string();
+        source = s.source();
+    }
+    last
+}
+
 /// What a request was for, to turn registry errors into the right message.
 enum Target<'a> {
     Manifest,
@@ -132,7 +143,7 @@ impl Ctx {
                 if re.is_connect() || re.is_timeout() || re.is_builder() {
                     Error::Unreachable {
                         registry: self.registry.clone(),
-                        reason: error_chain(&re),
+                        reason: root_cause(&re),
                     }
                 } else {
                     Error::Registry {

@@ -1,0 +1,315 @@
+//! Test harness: a real registry (Debian's `docker-registry`) on 127.0.0.1 with a free port
+//! and temporary storage, killed on drop, plus helpers to push images built by kiln's own OCI
+//! writer.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_image::oci::{Blob, BuiltImage, BuiltLayer, LayerBuilder};
+use kiln_image::Compression;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference, RegistryOperation};
+
+const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+
+/// A running registry.
+pub struct Registry {
+    child: Child,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    /// The registry's storage root.
+    pub storage: PathBuf,
+    /// Where its stdout/stderr (with the access log) goes.
+    pub log: PathBuf,
+    auth: Option<(String, String)>,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding an ephemeral port")
+}
+
+impl Registry {
+    /// Starts an anonymous registry.
+    pub fn start() -> Registry {
+        Self::start_with(None)
+    }
+
+    /// Starts a registry protected by htpasswd (bcrypt) with one user.
+    pub fn start_with_auth(user: &str, password: &str) -> Registry {
+        Self::start_with(Some((user, password)))
+    }
+
+    fn start_with(auth: Option<(&str, &str)>) -> Registry {
+        if !Path::new(REGISTRY_BIN).exists() {
+            panic!(
+                "{REGISTRY_BIN} not found: these tests need a real registry; install the Debian \
+                 package `docker-registry` (scripts/setup.sh does)"
+            );
+        }
+        let dir = tempfile::tempdir().expect("tempdir for the registry");
+        let storage = dir.path().join("storage");
+        std::fs::create_dir_all(&storage).expect("registry storage dir");
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
+             storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
+             http:\n  addr: {addr}\n  secret: kiln-test-secret\n",
+            storage.display()
+        );
+        if let Some((user, password)) = auth {
+            let htpasswd = dir.path().join("htpasswd");
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", user, password])
+                .output()
+                .expect(
+                    "running htpasswd: install the Debian package `apache2-utils` \
+                     (scripts/setup.sh does)",
+                );
+            assert!(out.status.success(), "htpasswd failed: {out:?}");
+            std::fs::write(&htpasswd, &out.stdout).expect("writing htpasswd");
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config).expect("writing registry config");
+        let log = dir.path().join("registry.log");
+        let log_file = std::fs::File::create(&log).expect("registry log file");
+        let child = Command::new(REGISTRY_BIN)
+            .arg("serve")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("dup log file"))
+            .stderr(log_file)
+            .spawn()
+            .expect("starting docker-registry");
+        let registry = Registry {
+            child,
+            addr,
+            storage,
+            log,
+            auth: auth.map(|(u, p)| (u.to_string(), p.to_string())),
+            _dir: dir,
+        };
+        registry.wait_ready();
+        registry
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(mut s) = TcpStream::connect(&self.addr) {
+                let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
+                let mut buf = [0u8; 12];
+                if s.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.") {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "docker-registry did not come up on {}; log:\n{}",
+            self.addr,
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
+    /// `127.0.0.1:PORT/<repo>`.
+    pub fn reference(&self, repo_and_tag: &str) -> String {
+        format!("{}/{}", self.addr, repo_and_tag)
+    }
+
+    /// How many times a blob was GET'ed from `repo` (from the access log).
+    pub fn blob_gets(&self, repo: &str, digest: &str) -> usize {
+        let needle = format!("\"GET /v2/{repo}/blobs/{digest} ");
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&needle))
+            .count()
+    }
+
+    /// The file the registry keeps a blob's content in.
+    pub fn blob_data(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+        self.storage
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
+    fn client(&self) -> (Client, RegistryAuth) {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = Client::new(ClientConfig {
+            protocol: ClientProtocol::Http,
+            ..ClientConfig::default()
+        });
+        let auth = match &self.auth {
+            Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
+            None => RegistryAuth::Anonymous,
+        };
+        (client, auth)
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    }
+
+    async fn push_blobs(client: &Client, auth: &RegistryAuth, r: &Reference, image: &BuiltImage) {
+        client
+            .auth(r, auth, RegistryOperation::Push)
+            .await
+            .expect("auth for push");
+        for blob in image
+            .layers
+            .iter()
+            .map(|l| &l.blob)
+            .chain(std::iter::once(&image.config))
+        {
+            client
+                .push_blob(r, blob.data.clone(), &blob.digest)
+                .await
+                .expect("pushing a blob");
+        }
+    }
+
+    async fn push_manifest(client: &Client, r: &Reference, blob: &Blob) {
+        client
+            .push_manifest_raw(
+                r,
+                blob.data.clone(),
+                blob.media_type.parse().expect("media type header"),
+            )
+            .await
+            .expect("pushing a manifest");
+    }
+
+    /// Pushes an image as `repo:tag`.
+    pub fn push(&self, repo: &str, tag: &str, image: &BuiltImage) {
+        let r: Reference = self
+            .reference(&format!("{repo}:{tag}"))
+            .parse()
+            .expect("ref");
+        let (client, auth) = self.client();
+        Self::runtime().block_on(async {
+            Self::push_blobs(&client, &auth, &r, image).await;
+            Self::push_manifest(&client, &r, &image.manifest).await;
+        });
+    }
+
+    /// Pushes several platform images and an index over them as `repo:tag`.
+    pub fn push_index(&self, repo: &str, tag: &str, images: &[&BuiltImage], index: &Blob) {
+        let r: Reference = self
+            .reference(&format!("{repo}:{tag}"))
+            .parse()
+            .expect("ref");
+        let (client, auth) = self.client();
+        Self::runtime().block_on(async {
+            for image in images {
+                Self::push_blobs(&client, &auth, &r, image).await;
+                let by_digest = r.clone_with_digest(image.manifest.digest.clone());
+                Self::push_manifest(&client, &by_digest, &image.manifest).await;
+            }
+            Self::push_manifest(&client, &r, index).await;
+        });
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A layer with a few files whose content depends on `seed`, so digests differ per test.
+pub fn layer(seed: &str, compression: Compression) -> BuiltLayer {
+    let mut b = LayerBuilder::new();
+    b.dir("etc/", 0o755).expect("dir");
+    b.file(
+        "etc/seed",
+        0o644,
+        format!("seed {seed} {compression:?}").as_bytes(),
+    )
+    .expect("file");
+    b.dir(&format!("data-{seed}/"), 0o755).expect("dir");
+    // Some bulk so downloads take more than one chunk.
+    let bulk: Vec<u8> = (0..256 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    b.file(&format!("data-{seed}/bulk"), 0o644, &bulk)
+        .expect("file");
+    b.finish(compression).expect("layer")
+}
+
+/// A fresh store in a temp dir.
+pub fn store() -> (tempfile::TempDir, kiln_image::Store) {
+    let dir = tempfile::tempdir().expect("tempdir for the store");
+    let store = kiln_image::Store::open(dir.path()).expect("opening the store");
+    (dir, store)
+}
+
+/// Quiet pull options.
+pub fn quiet() -> kiln_image::PullOptions {
+    kiln_image::PullOptions {
+        progress: kiln_image::ProgressMode::Quiet,
+        ..kiln_image::PullOptions::default()
+    }
+}
+
+/// Names of files in the store's blob dir.
+pub fn blob_files(store: &kiln_image::Store) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(store.blob_dir())
+        .expect("blob dir")
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// Entry paths of an (uncompressed) layer stream.
+pub fn layer_paths(layer: &kiln_image::Layer) -> Vec<String> {
+    let mut archive = tar::Archive::new(layer.open().expect("opening layer"));
+    archive
+        .entries()
+        .expect("tar entries")
+        .map(|e| {
+            e.expect("tar entry")
+                .path()
+                .expect("entry path")
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect()
+}
+
+/// sha256 of a file, as `sha256:<hex>`.
+pub fn file_digest(path: &Path) -> String {
+    use sha2::Digest;
+    let data = std::fs::read(path).expect("reading a blob");
+    let hash = sha2::Sha256::digest(&data);
+    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}

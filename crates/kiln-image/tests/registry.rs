@@ -1,0 +1,406 @@
+//! Pulls against a real registry (Debian's docker-registry) with images built from local
+//! files by kiln's OCI writer.
+
+mod common;
+
+use common::{blob_files, file_digest, layer, layer_paths, quiet, store, Registry};
+use kiln_image::oci::{build_index, Flavor, ImageBuilder, LayerBuilder};
+use kiln_image::{Compression, Credentials, Error, PullOptions};
+
+fn two_layer_image(seed: &str) -> kiln_image::oci::BuiltImage {
+    ImageBuilder::new()
+        .layer(layer(&format!("{seed}-a"), Compression::Gzip))
+        .layer(layer(&format!("{seed}-b"), Compression::Zstd))
+        .cmd(&["/bin/sh", "-c", "echo hi"])
+        .env(&["PATH=/bin"])
+        .build()
+        .expect("image")
+}
+
+#[test]
+fn pull_by_tag_then_by_digest() {
+    let registry = Registry::start();
+    let image = two_layer_image("tag");
+    registry.push("app", "v1", &image);
+    let (_dir, store) = store();
+
+    let reference = registry.reference("app:v1");
+    let record = store.pull(&reference, &quiet()).expect("pull by tag");
+    assert_eq!(record.reference, reference);
+    assert_eq!(record.manifest_digest, image.manifest.digest);
+    assert_eq!(record.config_digest, image.config.digest);
+    assert_eq!(record.index_digest, None);
+    assert_eq!(record.layers.len(), 2);
+    assert_eq!(record.layers[0].compression, Compression::Gzip);
+    assert_eq!(record.layers[1].compression, Compression::Zstd);
+    for (got, want) in record.layers.iter().zip(&image.layers) {
+        assert_eq!(got.digest, want.blob.digest);
+        assert_eq!(got.size, want.blob.data.len() as u64);
+        assert_eq!(file_digest(&got.path), got.digest, "stored blob verified");
+    }
+    let cmd = record
+        .config
+        .config()
+        .as_ref()
+        .and_then(|c| c.cmd().clone())
+        .expect("cmd");
+    assert_eq!(cmd, ["/bin/sh", "-c", "echo hi"]);
+    assert!(layer_paths(&record.layers[1]).contains(&"etc/seed".to_string()));
+
+    // By digest: no blob is downloaded again.
+    let by_digest = format!("{}/app@{}", registry.addr, image.manifest.digest);
+    let again = store.pull(&by_digest, &quiet()).expect("pull by digest");
+    assert_eq!(again.reference, by_digest);
+    assert_eq!(again.manifest_digest, image.manifest.digest);
+    for l in &image.layers {
+        assert_eq!(registry.blob_gets("app", &l.blob.digest), 1, "fetched once");
+    }
+
+    // Lookups by short digest and repo@digest.
+    let hex = &image.manifest.digest["sha256:".len()..];
+    assert_eq!(
+        store.resolve(&hex[..10]).expect("prefix").manifest_digest,
+        image.manifest.digest
+    );
+    let names: Vec<String> = store
+        .list()
+        .expect("list")
+        .into_iter()
+        .map(|r| r.reference)
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+}
+
+#[test]
+fn docker_schema2_with_uncompressed_layer() {
+    let registry = Registry::start();
+    let image = ImageBuilder::new()
+        .layer(layer("d1", Compression::Gzip))
+        .layer(layer("d2", Compression::None))
+        .flavor(Flavor::Docker)
+        .cmd(&["/bin/true"])
+        .build()
+        .expect("image");
+    registry.push("docker/style", "latest", &image);
+    let (_dir, store) = store();
+    let record = store
+        .pull(&registry.reference("docker/style"), &quiet())
+        .expect("pull docker schema2");
+    assert_eq!(
+        record.layers[0].media_type,
+        "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    );
+    assert_eq!(record.layers[0].compression, Compression::Gzip);
+    assert_eq!(record.layers[1].compression, Compression::None);
+    assert!(layer_paths(&record.layers[1]).contains(&"etc/seed".to_string()));
+}
+
+#[test]
+fn multi_layer_image_with_whiteouts_is_stored_in_order() {
+    let registry = Registry::start();
+    let mut base = LayerBuilder::new();
+    base.dir("etc/", 0o755).expect("dir");
+    base.file("etc/keep", 0o644, b"keep").expect("file");
+    base.file("etc/gone", 0o644, b"gone").expect("file");
+    base.dir("var/cache/", 0o755).expect("dir");
+    base.file("var/cache/old", 0o644, b"old").expect("file");
+    let mut top = LayerBuilder::new();
+    top.whiteout("etc/gone").expect("whiteout");
+    top.opaque("var/cache").expect("opaque");
+    top.file("var/cache/new", 0o644, b"new").expect("file");
+    top.symlink("etc/link", "keep").expect("symlink");
+    let image = ImageBuilder::new()
+        .layer(base.finish(Compression::Gzip).expect("base"))
+        .layer(top.finish(Compression::Gzip).expect("top"))
+        .layer(layer("third", Compression::Zstd))
+        .build()
+        .expect("image");
+    registry.push("whiteouts", "latest", &image);
+    let (_dir, store) = store();
+    let record = store
+        .pull(&registry.reference("whiteouts:latest"), &quiet())
+        .expect("pull");
+    let digests: Vec<&str> = record.layers.iter().map(|l| l.digest.as_str()).collect();
+    let want: Vec<&str> = image
+        .layers
+        .iter()
+        .map(|l| l.blob.digest.as_str())
+        .collect();
+    assert_eq!(digests, want, "application order");
+    let top_paths = layer_paths(&record.layers[1]);
+    assert!(
+        top_paths.contains(&"etc/.wh.gone".to_string()),
+        "{top_paths:?}"
+    );
+    assert!(top_paths.contains(&"var/cache/.wh..wh..opq".to_string()));
+}
+
+#[test]
+fn index_resolves_to_linux_amd64() {
+    let registry = Registry::start();
+    let amd64 = ImageBuilder::new()
+        .layer(layer("amd64", Compression::Gzip))
+        .build()
+        .expect("amd64 image");
+    let arm64 = ImageBuilder::new()
+        .layer(layer("arm64", Compression::Gzip))
+        .architecture("arm64")
+        .build()
+        .expect("arm64 image");
+    // arm64 listed first, so picking the first entry would be wrong.
+    let index = build_index(&[&arm64, &amd64], Flavor::Oci).expect("index");
+    registry.push_index("multi", "latest", &[&arm64, &amd64], &index);
+    let (_dir, store) = store();
+    let record = store
+        .pull(&registry.reference("multi"), &quiet())
+        .expect("pull index");
+    assert_eq!(record.manifest_digest, amd64.manifest.digest);
+    assert_eq!(record.index_digest.as_deref(), Some(index.digest.as_str()));
+    assert_eq!(record.config.architecture().to_string(), "amd64");
+    assert_eq!(registry.blob_gets("multi", &arm64.layers[0].blob.digest), 0);
+
+    // By the index digest too.
+    let by_index = format!("{}/multi@{}", registry.addr, index.digest);
+    let record = store
+        .pull(&by_index, &quiet())
+        .expect("pull by index digest");
+    assert_eq!(record.manifest_digest, amd64.manifest.digest);
+
+    // An index without amd64 says what it has.
+    let only_arm = build_index(&[&arm64], Flavor::Docker).expect("index");
+    registry.push_index("armonly", "latest", &[&arm64], &only_arm);
+    let err = store
+        .pull(&registry.reference("armonly"), &quiet())
+        .expect_err("no amd64");
+    eprintln!("expected error: {err}");
+    assert!(matches!(err, Error::NoMatchingPlatform { .. }), "{err}");
+    assert!(err.to_string().contains("linux/arm64"), "{err}");
+}
+
+#[test]
+fn htpasswd_auth() {
+    let registry = Registry::start_with_auth("kiln", "s3cret");
+    let image = two_layer_image("auth");
+    registry.push("private", "latest", &image);
+    let (dir, store) = store();
+    let reference = registry.reference("private");
+
+    let err = store
+        .pull(&reference, &quiet())
+        .expect_err("anonymous pull of a private image");
+
+    eprintln!("expected error: {err}");
+    assert!(matches!(err, Error::AuthRequired { .. }), "{err}");
+    assert!(err.to_string().contains("kiln login"), "{err}");
+
+    let wrong = PullOptions {
+        credentials: Some(Credentials {
+            username: "kiln".into(),
+            password: "wrong".into(),
+        }),
+        ..quiet()
+    };
+    let err = store.pull(&reference, &wrong).expect_err("wrong password");
+    eprintln!("expected error: {err}");
+    assert!(matches!(err, Error::AuthFailed { .. }), "{err}");
+    assert!(err.to_string().contains(&registry.addr), "{err}");
+    assert!(
+        blob_files(&store).is_empty(),
+        "nothing stored after auth failures"
+    );
+
+    let bad_login = kiln_image::login(
+        dir.path(),
+        &registry.addr,
+        &Credentials {
+            username: "kiln".into(),
+            password: "nope".into(),
+        },
+        false,
+    )
+    .expect_err("login with a wrong password");
+    assert!(matches!(bad_login, Error::AuthFailed { .. }), "{bad_login}");
+
+    kiln_image::login(
+        dir.path(),
+        &registry.addr,
+        &Credentials {
+            username: "kiln".into(),
+            password: "s3cret".into(),
+        },
+        false,
+    )
+    .expect("login");
+    let auth_file = dir.path().join("auth.json");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&auth_file)
+            .expect("auth.json")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let record = store.pull(&reference, &quiet()).expect("pull after login");
+    assert_eq!(record.manifest_digest, image.manifest.digest);
+    assert!(kiln_image::logout(dir.path(), &registry.addr).expect("logout"));
+}
+
+#[test]
+fn corrupt_blob_is_refused_and_not_kept() {
+    let registry = Registry::start();
+    let image = two_layer_image("corrupt");
+    registry.push("corrupt", "latest", &image);
+    let bad = &image.layers[1].blob;
+    let data_path = registry.blob_data(&bad.digest);
+    let mut data = std::fs::read(&data_path).expect("registry blob");
+    let mid = data.len() / 2;
+    data[mid] ^= 0xff;
+    std::fs::write(&data_path, &data).expect("corrupting the blob");
+
+    let (_dir, store) = store();
+    let err = store
+        .pull(&registry.reference("corrupt"), &quiet())
+        .expect_err("corrupt blob");
+    eprintln!("expected error: {err}");
+    assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+    assert!(
+        err.to_string().contains(&bad.digest),
+        "names the blob: {err}"
+    );
+    assert!(!store.has_blob(&bad.digest));
+    let files = blob_files(&store);
+    assert!(
+        files.iter().all(|f| !f.starts_with('.')),
+        "no temp files left: {files:?}"
+    );
+    assert!(!files.contains(&image.manifest.digest["sha256:".len()..].to_string()));
+    assert!(
+        store.list().expect("list").is_empty(),
+        "no reference recorded"
+    );
+}
+
+#[test]
+fn interrupted_pull_resumes_without_refetching_finished_layers() {
+    let registry = Registry::start();
+    let image = ImageBuilder::new()
+        .layer(layer("r1", Compression::Gzip))
+        .layer(layer("r2", Compression::Gzip))
+        .layer(layer("r3", Compression::Zstd))
+        .build()
+        .expect("image");
+    registry.push("resume", "latest", &image);
+    // The registry loses layer 2 for a while: the first pull fails on it.
+    let missing = &image.layers[1].blob.digest;
+    let data_path = registry.blob_data(missing);
+    let aside = data_path.with_extension("aside");
+    std::fs::rename(&data_path, &aside).expect("hiding a blob");
+
+    let (_dir, store) = store();
+    let reference = registry.reference("resume");
+    let err = store
+        .pull(&reference, &quiet())
+        .expect_err("pull with a missing blob");
+    eprintln!("expected error: {err}");
+    assert!(err.to_string().contains(missing), "names the blob: {err}");
+    assert!(store.has_blob(&image.layers[0].blob.digest));
+    assert!(store.has_blob(&image.layers[2].blob.digest));
+    assert!(!store.has_blob(missing));
+    assert!(store.list().expect("list").is_empty());
+
+    std::fs::rename(&aside, &data_path).expect("restoring the blob");
+    let record = store.pull(&reference, &quiet()).expect("resumed pull");
+    assert_eq!(record.manifest_digest, image.manifest.digest);
+    assert_eq!(
+        registry.blob_gets("resume", &image.layers[0].blob.digest),
+        1
+    );
+    assert_eq!(
+        registry.blob_gets("resume", &image.layers[2].blob.digest),
+        1
+    );
+    assert!(registry.blob_gets("resume", missing) >= 2);
+}
+
+#[test]
+fn concurrent_pulls_of_one_image() {
+    let registry = Registry::start();
+    let image = two_layer_image("concurrent");
+    registry.push("same", "latest", &image);
+    let (dir, _store) = store();
+    let reference = registry.reference("same");
+    let threads: Vec<_> = (0..3)
+        .map(|_| {
+            let root = dir.path().to_path_buf();
+            let reference = reference.clone();
+            std::thread::spawn(move || {
+                let store = kiln_image::Store::open(&root).expect("open");
+                store.pull(&reference, &quiet())
+            })
+        })
+        .collect();
+    for t in threads {
+        let record = t.join().expect("thread").expect("concurrent pull");
+        assert_eq!(record.manifest_digest, image.manifest.digest);
+    }
+    let store = kiln_image::Store::open(dir.path()).expect("open");
+    let list = store.list().expect("list");
+    assert_eq!(list.len(), 1);
+    let files = blob_files(&store);
+    assert!(files.iter().all(|f| !f.starts_with('.')), "{files:?}");
+    for name in &files {
+        let digest = format!("sha256:{name}");
+        assert_eq!(
+            file_digest(&store.blob_path(&digest).expect("path")),
+            digest
+        );
+    }
+    // Prune keeps everything an image uses.
+    let report = store.prune().expect("prune");
+    assert!(report.removed.is_empty(), "{:?}", report.removed);
+    assert_eq!(blob_files(&store), files);
+}
+
+#[test]
+fn errors_are_clear_and_leave_nothing() {
+    let registry = Registry::start();
+    registry.push("exists", "v1", &two_layer_image("err"));
+    let (_dir, store) = store();
+
+    let unknown_repo = registry.reference("nope:latest");
+    let err = store
+        .pull(&unknown_repo, &quiet())
+        .expect_err("unknown repo");
+    eprintln!("expected error: {err}");
+    assert_eq!(err.to_string(), format!("image not found: {unknown_repo}"));
+
+    let unknown_tag = registry.reference("exists:v2");
+    let err = store.pull(&unknown_tag, &quiet()).expect_err("unknown tag");
+    eprintln!("expected error: {err}");
+    assert_eq!(err.to_string(), format!("image not found: {unknown_tag}"));
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let err = store
+        .pull(&format!("127.0.0.1:{closed}/x:1"), &quiet())
+        .expect_err("unreachable");
+    eprintln!("expected error: {err}");
+    assert!(matches!(err, Error::Unreachable { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with(&format!("cannot reach registry 127.0.0.1:{closed}")),
+        "{err}"
+    );
+
+    for bad in ["UPPER", "a//b", "x:tag with space", "repo@sha256:short", ""] {
+        let err = store.pull(bad, &quiet()).expect_err(bad);
+        eprintln!("expected error: {err}");
+        assert!(
+            matches!(err, Error::InvalidReference { .. }),
+            "{bad}: {err}"
+        );
+    }
+
+    assert!(blob_files(&store).is_empty());
+    assert!(store.list().expect("list").is_empty());
+}
