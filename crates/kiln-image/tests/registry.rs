@@ -404,3 +404,85 @@ fn errors_are_clear_and_leave_nothing() {
     assert!(blob_files(&store).is_empty());
     assert!(store.list().expect("list").is_empty());
 }
+
+#[test]
+fn leftovers_of_a_killed_pull_do_not_matter() {
+    let registry = Registry::start();
+    let image = two_layer_image("killed");
+    registry.push("killed", "latest", &image);
+    let (_dir, store) = store();
+    // What a pull killed mid-download leaves: a temp file next to the blobs, and a finished
+    // blob of the first layer.
+    let first = &image.layers[0].blob;
+    let hex = &first.digest["sha256:".len()..];
+    std::fs::write(
+        store.blob_dir().join(format!(".tmp-{hex}-999999-0")),
+        &first.data[..first.data.len() / 2],
+    )
+    .expect("half-written temp file");
+    std::fs::write(store.blob_dir().join(hex), &first.data).expect("finished blob");
+
+    let record = store
+        .pull(&registry.reference("killed"), &quiet())
+        .expect("pull after a killed one");
+    assert_eq!(record.manifest_digest, image.manifest.digest);
+    assert_eq!(
+        registry.blob_gets("killed", &first.digest),
+        0,
+        "not refetched"
+    );
+    let report = store.prune().expect("prune");
+    assert_eq!(report.removed, [format!(".tmp-{hex}-999999-0")]);
+}
+
+/// Credentials from Docker's config file. Runs in a child process (this test binary again)
+/// because it sets `DOCKER_CONFIG`, which other tests must not see.
+#[test]
+fn docker_config_credentials() {
+    let registry = Registry::start_with_auth("dockeruser", "dockerpass");
+    let image = two_layer_image("dockercfg");
+    registry.push("viadocker", "latest", &image);
+    let config_dir = tempfile::tempdir().expect("tmp");
+    let auth = base64_encode(b"dockeruser:dockerpass");
+    std::fs::write(
+        config_dir.path().join("config.json"),
+        format!(
+            r#"{{"auths":{{"http://{}":{{"auth":"{auth}"}}}}}}"#,
+            registry.addr
+        ),
+    )
+    .expect("config.json");
+    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "docker_config_child",
+            "--include-ignored",
+            "--nocapture",
+        ])
+        .env("DOCKER_CONFIG", config_dir.path())
+        .env("KILN_TEST_PULL", registry.reference("viadocker"))
+        .output()
+        .expect("running the child test");
+    assert!(
+        out.status.success(),
+        "child failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 passed"));
+}
+
+#[test]
+#[ignore = "run by docker_config_credentials in a child process"]
+fn docker_config_child() {
+    let reference = std::env::var("KILN_TEST_PULL").expect("KILN_TEST_PULL");
+    let (_dir, store) = store();
+    store
+        .pull(&reference, &quiet())
+        .expect("pull with Docker's credentials");
+}
+
+fn base64_encode(data: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
