@@ -486,3 +486,76 @@ fn base64_encode(data: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(data)
 }
+
+/// A pull process killed after its first layer finished: the next pull does not download
+/// that layer again.
+#[test]
+fn killed_pull_resumes() {
+    let registry = Registry::start();
+    let mut big = LayerBuilder::new();
+    big.file("big", 0o644, &common::random_bytes(6 << 20, 7))
+        .expect("big file");
+    let image = ImageBuilder::new()
+        .layer(layer("small", Compression::Gzip))
+        .layer(big.finish(Compression::None).expect("big layer"))
+        .build()
+        .expect("image");
+    registry.push("killme", "latest", &image);
+    let proxy = common::slow_proxy(&registry.addr);
+    let (dir, store) = store();
+    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "killed_pull_child",
+            "--include-ignored",
+            "--nocapture",
+        ])
+        .env("KILN_TEST_ROOT", dir.path())
+        .env("KILN_TEST_PULL", format!("{proxy}/killme:latest"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting the child pull");
+    let small = &image.layers[0].blob.digest;
+    let big = &image.layers[1].blob.digest;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !store.has_blob(small) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first layer never arrived"
+        );
+        assert!(
+            child.try_wait().expect("child status").is_none(),
+            "the child pull ended before it could be killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().expect("killing the pull");
+    child.wait().expect("reaping the pull");
+    assert!(
+        !store.has_blob(big),
+        "the big layer must still be in flight"
+    );
+    assert!(store.list().expect("list").is_empty());
+
+    let record = store
+        .pull(&registry.reference("killme"), &quiet())
+        .expect("pull after the kill");
+    assert_eq!(record.manifest_digest, image.manifest.digest);
+    assert_eq!(
+        registry.blob_gets("killme", small),
+        1,
+        "small layer fetched once"
+    );
+    assert!(store.prune().is_ok());
+    assert!(blob_files(&store).iter().all(|f| !f.starts_with('.')));
+}
+
+#[test]
+#[ignore = "run by killed_pull_resumes in a child process"]
+fn killed_pull_child() {
+    let root = std::env::var("KILN_TEST_ROOT").expect("KILN_TEST_ROOT");
+    let reference = std::env::var("KILN_TEST_PULL").expect("KILN_TEST_PULL");
+    let store = kiln_image::Store::open(std::path::Path::new(&root)).expect("open");
+    store.pull(&reference, &quiet()).expect("pull");
+}
