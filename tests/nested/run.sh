@@ -468,8 +468,11 @@ t_vmm=$(first_ts 'KILN-VMM-START')
 t_inner=$(first_ts 'KILN-INNER-INIT')
 t_done=$(first_ts 'KILN-INNER-DONE')
 t_exit=$(first_ts 'KILN-VMM-EXIT')
+# The inner kernel's own uptime at /init: inner_boot_s minus this is VMM set-up + decompression.
+inner_up=$(grep -m1 -o -E 'KILN-INNER-INIT uptime=[0-9.]+' "$WORK/console.log" | cut -d= -f2 || true)
 echo "KILN-TIMING total_s=$(secs "$T_START" "$T_END") outer_boot_s=$(secs "$T_START" "$t_outer")" \
     "kvm_ready_s=$(secs "$T_START" "$t_kvm") inner_boot_s=$(secs "$t_vmm" "$t_inner")" \
+    "inner_kernel_uptime_at_init_s=${inner_up:-n/a}" \
     "inner_init_to_done_s=$(secs "$t_inner" "$t_done") vmm_total_s=$(secs "$t_vmm" "$t_exit")"
 if [[ -s $WORK/stderr.log ]]; then
     echo "--- stderr of the VM process (filtered) ---"

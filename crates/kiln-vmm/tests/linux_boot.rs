@@ -316,10 +316,12 @@ fn boots_debian_cloud_kernel_with_virtio_blk_over_acpi() {
     // Timings: information, not assertions.
     let timings = run.find("KILN-TIMING").unwrap_or("KILN-TIMING n/a");
     eprintln!(
-        "linux_boot: mode {mode}; outer VM boot to /init {} s; kiln-vmm start to inner /init {} s; \
-         kiln-vmm run {} s; VM run {} s; whole test (with build) {:.1} s",
+        "linux_boot: mode {mode}; outer VM boot to /init {} s; kiln-vmm start to inner /init {} s \
+         (inner kernel uptime at /init {} s); kiln-vmm run {} s; VM run {} s; \
+         whole test (with build) {:.1} s",
         timing(timings, "outer_boot_s"),
         timing(timings, "inner_boot_s"),
+        timing(timings, "inner_kernel_uptime_at_init_s"),
         timing(timings, "vmm_total_s"),
         timing(timings, "total_s"),
         elapsed.as_secs_f64()
