@@ -257,6 +257,9 @@ impl Store {
                     return Err(import_err(archive, format!("blob {} is missing", d.digest)));
                 }
                 copy_blob(&dir, &path, &d.digest, Some(d.size))?;
+                if d.digest == m.config.digest {
+                    crate::pull::check_config(&self.read_blob(&d.digest)?, &context)?;
+                }
             }
             out.push((name, manifest_desc.digest.clone(), index_digest));
         }
@@ -300,6 +303,8 @@ impl Store {
         for entry in &entries {
             let config_path = inside(src, &entry.config, archive)?;
             let (config_digest, config_size) = hash_file(&config_path)?;
+            let config_bytes = fs::read(&config_path).at(&config_path)?;
+            crate::pull::check_config(&config_bytes, &entry.config)?;
             let mut layers = Vec::new();
             for layer in &entry.layers {
                 let layer_path = inside(src, layer, archive)?;

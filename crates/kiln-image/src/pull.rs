@@ -235,6 +235,19 @@ impl Store {
         rt.block_on(self.pull_async(parsed, options))
     }
 
+    /// The stored image for `reference`, pulling it first only if it is not in the store
+    /// (what `kiln run IMAGE` wants: no network when the image is already here).
+    pub fn ensure(&self, reference: &str, options: &PullOptions) -> Result<ImageRecord> {
+        if crate::default_image::is_default_name(reference) {
+            return self.ensure_default_image();
+        }
+        match self.resolve(reference) {
+            Ok(record) => Ok(record),
+            Err(Error::NotInStore { .. }) => self.pull(reference, options),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn pull_async(&self, parsed: Reference, options: &PullOptions) -> Result<ImageRecord> {
         let registry = registry_of(&parsed);
         let insecure = is_insecure(&registry, options);
@@ -356,7 +369,7 @@ fn check_digest(body: &[u8], claimed: &str, pinned: Option<&str>) -> Result<Stri
 }
 
 /// Refuses configs kiln cannot boot (wrong OS or architecture) before layers are fetched.
-fn check_config(bytes: &[u8], reference: &str) -> Result<()> {
+pub(crate) fn check_config(bytes: &[u8], reference: &str) -> Result<()> {
     #[derive(serde::Deserialize)]
     struct Probe {
         #[serde(default)]

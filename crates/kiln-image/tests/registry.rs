@@ -56,6 +56,13 @@ fn pull_by_tag_then_by_digest() {
         assert_eq!(registry.blob_gets("app", &l.blob.digest), 1, "fetched once");
     }
 
+    // `ensure` finds it stored and asks the registry nothing.
+    let before = registry.manifest_requests("app");
+    assert!(before > 0);
+    let ensured = store.ensure(&reference, &quiet()).expect("ensure");
+    assert_eq!(ensured.manifest_digest, image.manifest.digest);
+    assert_eq!(registry.manifest_requests("app"), before);
+
     // Lookups by short digest and repo@digest.
     let hex = &image.manifest.digest["sha256:".len()..];
     assert_eq!(

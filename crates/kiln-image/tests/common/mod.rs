@@ -141,6 +141,16 @@ impl Registry {
             .count()
     }
 
+    /// How many requests for manifests of `repo` the registry served.
+    pub fn manifest_requests(&self, repo: &str) -> usize {
+        let needle = format!("/v2/{repo}/manifests/");
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| (l.contains("\"GET ") || l.contains("\"HEAD ")) && l.contains(&needle))
+            .count()
+    }
+
     /// The file the registry keeps a blob's content in.
     pub fn blob_data(&self, digest: &str) -> PathBuf {
         let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
