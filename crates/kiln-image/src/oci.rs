@@ -367,7 +367,6 @@ fn write_blob_file(dir: &Path, blob: &Blob) -> Result<()> {
 
 /// Writes an OCI image layout directory holding `images`, each entry of `index.json` named by
 /// its `org.opencontainers.image.ref.name` annotation (a tag like `v1`, or a full reference).
-/// `extra` blobs (e.g. a nested index) are written too.
 pub fn write_layout(dir: &Path, images: &[(&BuiltImage, Option<&str>)]) -> Result<()> {
     fs::create_dir_all(dir).at(dir)?;
     let layout = dir.join("oci-layout");
