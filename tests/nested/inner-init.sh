@@ -76,4 +76,6 @@ echo "kiln-guest-wrote: $fromhost" > /mnt/from-guest.txt || fail "write /from-gu
 sync
 umount /mnt || fail "umount failed"
 echo "KILN-INNER-DONE uptime=$(up)"
+# Interrupt counts (serial, virtio, timers): diagnostics for the VMM's interrupt routing.
+sed -n '2,$p' /proc/interrupts | awk '$2 != 0 { $1 = $1; print "KILN-INNER-IRQ " $0 }'
 finish
