@@ -26,7 +26,7 @@ fail() {
     finish
 }
 
-echo "KILN-INNER-INIT uptime=$(up) kernel=$(uname -r)"
+echo "KILN-INNER-INIT uptime=$(up) kernel=$(uname -r) cpus=$(nproc) mem_kib=$(awk '/^MemTotal/ { print $2 }' /proc/meminfo)"
 
 for m in $(cat /modules.list); do
     name=$(basename "$m" .ko)

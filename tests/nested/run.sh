@@ -24,6 +24,8 @@
 #   --inner-cmdline STR replace the inner kernel command line (default:
 #                       "console=ttyS0 reboot=k panic=1 pci=off quiet i8042.noprobe"); e.g. drop
 #                       "quiet" and add "loglevel=8" to see the inner kernel's whole boot log
+#   --vcpus N           inner guest vCPUs (default 1)
+#   --mem-mib N         inner guest memory in MiB (default 256)
 #   --timeout SECONDS   wall-clock limit for the VM run (default 240)
 #   -h | --help
 #
@@ -40,6 +42,8 @@ INNER_VMM=kiln
 OUTER_CHECK=0
 OUTER_DISK=blockdev
 MODE=auto
+VCPUS=1
+MEM_MIB=256
 TIMEOUT=240
 INNER_ARGS="console=ttyS0 reboot=k panic=1 pci=off quiet i8042.noprobe"
 OUTER_ARGS="console=ttyS0 panic=-1 quiet"
@@ -64,6 +68,8 @@ while [[ $# -gt 0 ]]; do
         --direct) MODE=direct; shift ;;
         --outer-disk) OUTER_DISK=${2:?--outer-disk needs blockdev or copy}; shift 2 ;;
         --inner-cmdline) INNER_ARGS=${2:?--inner-cmdline needs a string}; shift 2 ;;
+        --vcpus) VCPUS=${2:?--vcpus needs a number}; shift 2 ;;
+        --mem-mib) MEM_MIB=${2:?--mem-mib needs a number}; shift 2 ;;
         --timeout) TIMEOUT=${2:?--timeout needs seconds}; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) die "unknown argument '$1' (try --help)" ;;
@@ -72,6 +78,7 @@ done
 [[ $INNER_VMM == kiln || $INNER_VMM == qemu ]] || die "--inner-vmm must be kiln or qemu"
 [[ $OUTER_DISK == blockdev || $OUTER_DISK == copy ]] || die "--outer-disk must be blockdev or copy"
 [[ $INNER_ARGS != *'"'* && $INNER_ARGS != *'\'* ]] || die "--inner-cmdline must not contain \" or \\"
+[[ $VCPUS =~ ^[0-9]+$ && $MEM_MIB =~ ^[0-9]+$ ]] || die "--vcpus and --mem-mib take numbers"
 [[ $TIMEOUT =~ ^[0-9]+$ ]] || die "--timeout must be a number of seconds"
 
 if [[ $MODE == auto ]]; then
@@ -302,7 +309,7 @@ if [[ $MODE == nested || $MODE == outer-check ]]; then
       "is_read_only": false
     }
   ],
-  "machine-config": { "vcpu_count": 1, "mem_size_mib": 256 }
+  "machine-config": { "vcpu_count": $VCPUS, "mem_size_mib": $MEM_MIB }
 }
 EOF
     fi
@@ -325,7 +332,7 @@ if [[ $MODE == direct ]]; then
       "is_read_only": false
     }
   ],
-  "machine-config": { "vcpu_count": 1, "mem_size_mib": 256 }
+  "machine-config": { "vcpu_count": $VCPUS, "mem_size_mib": $MEM_MIB }
 }
 EOF
 fi
@@ -385,7 +392,7 @@ case $MODE in
         # fails and the boot hangs, so give it the TSC frequency (TCG's TSC is the host's).
         # microvm has no i8042 either: add one so reboot=k ends QEMU (-no-reboot).
         mhz=$(awk -F: '/^cpu MHz/ { printf "%d", $2; exit }' /proc/cpuinfo)
-        run_vm qemu-system-x86_64 -accel tcg -M microvm,acpi=on,rtc=on -cpu max -m 256 -smp 1 \
+        run_vm qemu-system-x86_64 -accel tcg -M microvm,acpi=on,rtc=on -cpu max -m "$MEM_MIB" -smp "$VCPUS" \
             -nographic -no-reboot -nic none -pidfile "$WORK/qemu.pid" \
             -kernel "$KERNEL" -initrd "$WORK/inner-initrd.img" \
             -append "$INNER_ARGS tsc_early_khz=$((${mhz:-2000} * 1000))" \
