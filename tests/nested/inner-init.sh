@@ -40,7 +40,7 @@ echo "KILN-INNER-MODULES-LOADED $(cut -d' ' -f1 /proc/modules | tr '\n' ' ')"
 
 # Wait for the ACPI-described virtio-mmio disk.
 i=0
-while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do
+while [ ! -b /dev/vda ] && [ $i -lt 300 ]; do
     usleep 100000
     i=$((i + 1))
 done
@@ -60,7 +60,7 @@ done
 dmesg | grep -i -E 'virtio|vda' | sed 's/^/KILN-INNER-DMESG /'
 
 if [ ! -b /dev/vda ]; then
-    echo "KILN-INNER-DISK-MISSING after 10 s"
+    echo "KILN-INNER-DISK-MISSING after 30 s"
     echo "--- /sys/bus/platform/devices ---"
     ls /sys/bus/platform/devices
     fail "no /dev/vda"

@@ -43,7 +43,7 @@ if [ "$mode" = check ]; then
 fi
 
 i=0
-while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do
+while [ ! -b /dev/vda ] && [ $i -lt 300 ]; do
     usleep 100000
     i=$((i + 1))
 done
