@@ -342,12 +342,6 @@ fn malformed_requests_are_refused_with_400() {
             None,
             "Invalid request method and/or path",
         ),
-        (
-            "PUT",
-            "/network-interfaces/eth0",
-            Some(r#"{"iface_id":"eth0","host_dev_name":"tap0"}"#),
-            "Invalid request method and/or path",
-        ),
         // Ids.
         (
             "PUT",
@@ -1073,4 +1067,62 @@ fn vsock_and_entropy_devices_are_configured_and_bad_values_refused() {
     assert_eq!(config["vsock"]["guest_cid"], 3, "{config}");
     assert_eq!(config["vsock"]["uds_path"], sock, "{config}");
     assert_eq!(config["entropy"], serde_json::json!({}), "{config}");
+}
+
+#[test]
+fn network_interface_configuration_errors_are_refused() {
+    let vmm = start_vmm();
+    expect_400(
+        &vmm,
+        "PUT",
+        "/network-interfaces/eth0",
+        Some(r#"{"iface_id":"eth0","host_dev_name":"kilnnosuchtap"}"#),
+        "does not exist",
+    );
+    expect_400(
+        &vmm,
+        "PUT",
+        "/network-interfaces/eth0",
+        Some(r#"{"iface_id":"eth0","host_dev_name":"lo","guest_mac":"06:00:AC:10:00"}"#),
+        "is not a MAC address",
+    );
+    expect_400(
+        &vmm,
+        "PUT",
+        "/network-interfaces/eth0",
+        Some(r#"{"iface_id":"eth0","host_dev_name":"lo","guest_mac":"07:00:AC:10:00:02"}"#),
+        "multicast",
+    );
+    expect_400(
+        &vmm,
+        "PUT",
+        "/network-interfaces/eth0",
+        Some(r#"{"iface_id":"eth1","host_dev_name":"lo"}"#),
+        "does not match the iface_id",
+    );
+    // `lo` exists on every host, so the configuration is accepted; a second interface on the
+    // same host device is refused.
+    vmm.put_ok(
+        "/network-interfaces/eth0",
+        r#"{"iface_id":"eth0","host_dev_name":"lo","guest_mac":"06:00:AC:10:00:02"}"#,
+    );
+    expect_400(
+        &vmm,
+        "PUT",
+        "/network-interfaces/eth1",
+        Some(r#"{"iface_id":"eth1","host_dev_name":"lo"}"#),
+        "already used",
+    );
+    expect_400(
+        &vmm,
+        "PATCH",
+        "/network-interfaces/eth0",
+        Some(r#"{"iface_id":"eth0","rx_rate_limiter":{"ops":{"size":10,"refill_time":100}}}"#),
+        "only possible after the microVM has started",
+    );
+    let config = get_json(&vmm, "/vm/config");
+    assert_eq!(
+        config["network-interfaces"][0]["guest_mac"], "06:00:AC:10:00:02",
+        "{config}"
+    );
 }

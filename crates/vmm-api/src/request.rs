@@ -12,7 +12,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use vmm::config::{
     validate_id, BootSourceConfig, ConfigError, DriveConfig, DriveUpdate, EntropyConfig,
-    LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig, VsockConfig,
+    LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig, NetworkInterfaceConfig,
+    NetworkInterfaceUpdate, VsockConfig,
 };
 use vmm::rpc::VmmAction;
 
@@ -75,11 +76,15 @@ pub(crate) enum RequestError {
         /// The kind of object expected, for the message.
         what: &'static str,
     },
-    /// `PUT|PATCH /drives/{id}` with a different `drive_id` in the body.
+    /// `PUT|PATCH /drives/{id}` (or `/network-interfaces/{id}`) with a different id in the body.
     #[error(
-        "The drive ID in the path ({path_id}) does not match the drive_id in the body ({body_id})."
+        "The {kind} ID in the path ({path_id}) does not match the {field} in the body ({body_id})."
     )]
     DriveIdMismatch {
+        /// What the id names.
+        kind: &'static str,
+        /// The body's id field.
+        field: &'static str,
         /// The id from the path.
         path_id: String,
         /// The id from the body.
@@ -192,6 +197,8 @@ pub(crate) fn parse(method: &str, path: &str, body: &[u8]) -> Result<Parsed, Req
         (Method::Put, ["metrics"]) => Route::Metrics,
         (Method::Put, ["vsock"]) => Route::Vsock,
         (Method::Put, ["entropy"]) => Route::Entropy,
+        (Method::Put, ["network-interfaces", id]) => Route::PutNetworkInterface(id),
+        (Method::Patch, ["network-interfaces", id]) => Route::PatchNetworkInterface(id),
         _ => return Err(invalid()),
     };
 
@@ -237,13 +244,13 @@ pub(crate) fn parse(method: &str, path: &str, body: &[u8]) -> Result<Parsed, Req
         Route::PutDrive(path_id) => {
             validate_id("drive", path_id)?;
             let config: DriveConfig = json("a drive", body)?;
-            check_same_id(path_id, &config.drive_id)?;
+            check_same_id("drive_id", path_id, &config.drive_id)?;
             VmmAction::PutDrive(config)
         }
         Route::PatchDrive(path_id) => {
             validate_id("drive", path_id)?;
             let update: DriveUpdate = json("a drive update", body)?;
-            check_same_id(path_id, &update.drive_id)?;
+            check_same_id("drive_id", path_id, &update.drive_id)?;
             VmmAction::PatchDrive(update)
         }
         Route::Actions => match json::<ActionBody>("an action", body)?.action_type {
@@ -264,6 +271,18 @@ pub(crate) fn parse(method: &str, path: &str, body: &[u8]) -> Result<Parsed, Req
             "an entropy device configuration",
             body,
         )?),
+        Route::PutNetworkInterface(path_id) => {
+            validate_id("network interface", path_id)?;
+            let config: NetworkInterfaceConfig = json("a network interface", body)?;
+            check_same_id("iface_id", path_id, &config.iface_id)?;
+            VmmAction::PutNetworkInterface(config)
+        }
+        Route::PatchNetworkInterface(path_id) => {
+            validate_id("network interface", path_id)?;
+            let update: NetworkInterfaceUpdate = json("a network interface update", body)?;
+            check_same_id("iface_id", path_id, &update.iface_id)?;
+            VmmAction::PatchNetworkInterface(update)
+        }
     };
     Ok(Parsed::Vmm(action))
 }
@@ -308,15 +327,24 @@ enum Route<'a> {
     Metrics,
     Vsock,
     Entropy,
+    PutNetworkInterface(&'a str),
+    PatchNetworkInterface(&'a str),
 }
 
 /// The path and body must name the same drive, so that a client cannot configure one drive
 /// while believing it configures another.
-fn check_same_id(path_id: &str, body_id: &str) -> Result<(), RequestError> {
+fn check_same_id(field: &'static str, path_id: &str, body_id: &str) -> Result<(), RequestError> {
+    let kind = if field == "drive_id" {
+        "drive"
+    } else {
+        "network interface"
+    };
     if path_id == body_id {
         Ok(())
     } else {
         Err(RequestError::DriveIdMismatch {
+            kind,
+            field,
             path_id: path_id.to_string(),
             body_id: body_id.to_string(),
         })

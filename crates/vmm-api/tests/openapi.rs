@@ -156,6 +156,7 @@ fn operations(spec: &Value) -> Vec<(String, String, Value)> {
 /// The path with its parameters filled in.
 fn concrete(path: &str) -> String {
     path.replace("{drive_id}", "rootfs")
+        .replace("{iface_id}", "eth0")
 }
 
 /// The operation's request body schema and example, if it takes a body.
@@ -195,6 +196,9 @@ fn maximal_body(spec: &Value, schema: &Value, scratch: &Scratch) -> Value {
                 },
                 Some("string") => Value::from(match name.as_str() {
                     "boot_args" => "console=ttyS0",
+                    "iface_id" => "eth0",
+                    "host_dev_name" => "tap0",
+                    "guest_mac" => "06:00:AC:10:00:02",
                     _ => "rootfs",
                 }),
                 Some("object") => maximal_body(spec, property, scratch),
@@ -226,7 +230,7 @@ fn document_is_well_formed() {
     let operations = operations(&spec);
     assert_eq!(
         operations.len(),
-        15,
+        17,
         "{:?}",
         operations
             .iter()

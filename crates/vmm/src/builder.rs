@@ -17,7 +17,7 @@ use crate::arch::x86_64::acpi::{self, MmioDeviceInfo};
 use crate::arch::x86_64::boot;
 use crate::arch::x86_64::cpuid::{self, Topology};
 use crate::arch::x86_64::layout::*;
-use crate::config::{DriveConfig, VmConfig};
+use crate::config::{DriveConfig, NetworkInterfaceConfig, VmConfig};
 use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_SIZE};
 use crate::devices::legacy::cmos::{Cmos, CMOS_PORT, CMOS_PORT_COUNT};
 use crate::devices::legacy::i8042::{I8042, I8042_PORT, I8042_PORT_COUNT};
@@ -25,11 +25,12 @@ use crate::devices::legacy::serial::{SerialConsole, COM1_PORT, COM1_PORT_COUNT};
 use crate::devices::legacy::IrqLine;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Entropy;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::devices::Bus;
-use crate::metrics::{BlockMetrics, EntropyMetrics, VsockMetrics};
+use crate::metrics::{BlockMetrics, EntropyMetrics, NetMetrics, VsockMetrics};
 use crate::vstate::exit::ExitSignal;
 use crate::vstate::vcpu::{self, VcpuRuntime, Vcpus};
 use crate::vstate::vm::{MemoryShape, Vm};
@@ -123,6 +124,16 @@ pub struct AttachedEntropy {
     pub metrics: Arc<EntropyMetrics>,
 }
 
+/// A network interface of a running VM.
+pub struct AttachedNet {
+    /// The interface's configuration as attached.
+    pub config: NetworkInterfaceConfig,
+    /// The device.
+    pub device: Arc<Mutex<Net>>,
+    /// Its counters.
+    pub metrics: Arc<NetMetrics>,
+}
+
 /// A booted VM and the handles the event loop needs.
 pub struct RunningVm {
     /// Keeps the VM (and so every KVM resource) alive.
@@ -141,6 +152,8 @@ pub struct RunningVm {
     pub vsock: Option<AttachedVsock>,
     /// The entropy device, if configured.
     pub entropy: Option<AttachedEntropy>,
+    /// Network interfaces in slot order.
+    pub nets: Vec<AttachedNet>,
 }
 
 fn serial_writer(output: &SerialOutput) -> Result<Box<dyn Write + Send>, StartError> {
@@ -407,6 +420,7 @@ pub fn start_vm(
     }
     let drives_config = ordered_drives(&config.drives);
     let virtio_count = drives_config.len()
+        + config.network_interfaces.len()
         + usize::from(config.vsock.is_some())
         + usize::from(config.entropy.is_some());
     if virtio_count as u64 > VIRTIO_MMIO_SLOTS {
@@ -432,6 +446,33 @@ pub fn start_vm(
         device_infos.push(info);
         drives.push(AttachedDrive {
             config: drive.clone(),
+            device,
+            metrics,
+        });
+    }
+    let mut nets = Vec::new();
+    for iface in &config.network_interfaces {
+        let metrics = Arc::new(NetMetrics::default());
+        let mac = iface
+            .guest_mac
+            .as_deref()
+            .map(crate::config::parse_mac)
+            .transpose()
+            .map_err(device_err)?;
+        let net = Net::new(
+            &iface.iface_id,
+            &iface.host_dev_name,
+            mac,
+            iface.rx_rate_limiter.as_ref(),
+            iface.tx_rate_limiter.as_ref(),
+            metrics.clone(),
+        )
+        .map_err(device_err)?;
+        let device = Arc::new(Mutex::new(net));
+        let info = attach_virtio(&vm, &memory, &mut mmio, device.clone(), device_infos.len())?;
+        device_infos.push(info);
+        nets.push(AttachedNet {
+            config: iface.clone(),
             device,
             metrics,
         });
@@ -502,6 +543,7 @@ pub fn start_vm(
         drives,
         vsock,
         entropy,
+        nets,
     })
 }
 

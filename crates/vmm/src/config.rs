@@ -242,6 +242,91 @@ pub struct VmConfig {
     /// The entropy device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<EntropyConfig>,
+    /// Network interfaces, in attachment order.
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetworkInterfaceConfig>,
+}
+
+/// A network interface (`PUT /network-interfaces/{iface_id}`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterfaceConfig {
+    /// Unique name of the interface.
+    pub iface_id: String,
+    /// Existing host tap device the interface is attached to.
+    pub host_dev_name: String,
+    /// The guest's MAC address, "06:00:AC:10:00:02" style.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    /// Limits on what the guest receives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits on what the guest sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// New rate limits for an interface after boot (`PATCH /network-interfaces/{iface_id}`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterfaceUpdate {
+    /// The interface to change.
+    pub iface_id: String,
+    /// New receive limits.
+    #[serde(default)]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// New transmit limits.
+    #[serde(default)]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// Parses a MAC address written as six two-digit hex bytes separated by colons.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], ConfigError> {
+    let bad = || {
+        ConfigError::Invalid(format!(
+            "guest_mac {text:?} is not a MAC address like 06:00:AC:10:00:02."
+        ))
+    };
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in mac.iter_mut() {
+        let part = parts.next().ok_or_else(bad)?;
+        if part.len() != 2 {
+            return Err(bad());
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    if mac[0] & 1 != 0 {
+        return Err(ConfigError::Invalid(format!(
+            "guest_mac {text} is a multicast address; a guest needs a unicast one."
+        )));
+    }
+    Ok(mac)
+}
+
+impl NetworkInterfaceConfig {
+    /// Checks the id, the MAC, and that the tap exists on the host.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_id("network interface", &self.iface_id)?;
+        if let Some(mac) = &self.guest_mac {
+            parse_mac(mac)?;
+        }
+        crate::devices::virtio::net::tap::check_name(&self.host_dev_name)
+            .map_err(|e| ConfigError::Invalid(format!("host_dev_name: {e}.")))?;
+        if !std::path::Path::new("/sys/class/net")
+            .join(&self.host_dev_name)
+            .exists()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "The tap device {:?} does not exist on the host; create it first (ip tuntap add dev {} mode tap).",
+                self.host_dev_name, self.host_dev_name
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The entropy device (`PUT /entropy`).

@@ -238,6 +238,78 @@ impl Vmm {
                 self.config.entropy = Some(entropy);
                 Ok(VmmData::Empty)
             }
+            VmmAction::PutNetworkInterface(iface) => {
+                self.pre_boot("Network interfaces")?;
+                iface.validate().map_err(|e| bad(e.to_string()))?;
+                let others = self
+                    .config
+                    .network_interfaces
+                    .iter()
+                    .filter(|i| i.iface_id != iface.iface_id);
+                for other in others {
+                    if other.host_dev_name == iface.host_dev_name {
+                        return Err(bad(format!(
+                            "The tap device {} is already used by network interface {:?}.",
+                            iface.host_dev_name, other.iface_id
+                        )));
+                    }
+                    let same_mac = match (&other.guest_mac, &iface.guest_mac) {
+                        (Some(a), Some(b)) => {
+                            crate::config::parse_mac(a).ok() == crate::config::parse_mac(b).ok()
+                        }
+                        _ => false,
+                    };
+                    if same_mac {
+                        return Err(bad(format!(
+                            "The MAC address {} is already used by network interface {:?}.",
+                            iface.guest_mac.as_deref().unwrap_or_default(),
+                            other.iface_id
+                        )));
+                    }
+                }
+                let existing = self
+                    .config
+                    .network_interfaces
+                    .iter()
+                    .position(|i| i.iface_id == iface.iface_id);
+                match existing {
+                    Some(i) => self.config.network_interfaces[i] = iface,
+                    None => self.config.network_interfaces.push(iface),
+                }
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchNetworkInterface(update) => {
+                let running = self.post_boot("Updating a network interface")?;
+                let device = running
+                    .nets
+                    .iter()
+                    .find(|n| n.config.iface_id == update.iface_id)
+                    .map(|n| n.device.clone())
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "No network interface with id {:?} exists.",
+                            update.iface_id
+                        ))
+                    })?;
+                lock(&device).update_rate_limiters(
+                    update.rx_rate_limiter.as_ref(),
+                    update.tx_rate_limiter.as_ref(),
+                );
+                if let Some(iface) = self
+                    .config
+                    .network_interfaces
+                    .iter_mut()
+                    .find(|i| i.iface_id == update.iface_id)
+                {
+                    if update.rx_rate_limiter.is_some() {
+                        iface.rx_rate_limiter = update.rx_rate_limiter.clone();
+                    }
+                    if update.tx_rate_limiter.is_some() {
+                        iface.tx_rate_limiter = update.tx_rate_limiter.clone();
+                    }
+                }
+                Ok(VmmData::Empty)
+            }
             VmmAction::InstanceStart => self.start(),
             VmmAction::SendCtrlAltDel => {
                 let running = self.post_boot("SendCtrlAltDel")?;
@@ -305,6 +377,9 @@ impl Vmm {
         if let Some(entropy) = &running.entropy {
             self.new_subscribers.push(entropy.device.clone());
         }
+        for net in &running.nets {
+            self.new_subscribers.push(net.device.clone());
+        }
         self.new_subscribers.push(Arc::new(Mutex::new(SerialInput {
             serial: running.serial.clone(),
         })));
@@ -336,6 +411,9 @@ impl Vmm {
         if let Some(entropy) = config.entropy {
             self.handle(VmmAction::PutEntropy(entropy))?;
         }
+        for iface in config.network_interfaces {
+            self.handle(VmmAction::PutNetworkInterface(iface))?;
+        }
         Ok(())
     }
 
@@ -361,6 +439,7 @@ impl Vmm {
         let mut block = serde_json::Map::new();
         let mut vsock = serde_json::Value::Null;
         let mut entropy = serde_json::Value::Null;
+        let mut net = serde_json::Map::new();
         if let Some(running) = &self.running {
             for drive in &running.drives {
                 block.insert(drive.config.drive_id.clone(), drive.metrics.to_json());
@@ -370,6 +449,9 @@ impl Vmm {
             }
             if let Some(device) = &running.entropy {
                 entropy = device.metrics.to_json();
+            }
+            for iface in &running.nets {
+                net.insert(iface.config.iface_id.clone(), iface.metrics.to_json());
             }
         }
         let utc_timestamp_ms = std::time::SystemTime::now()
@@ -381,6 +463,7 @@ impl Vmm {
             "block": block,
             "vsock": vsock,
             "entropy": entropy,
+            "net": net,
         });
         writeln!(file, "{line}").map_err(|e| format!("Cannot write metrics: {e}"))?;
         self.last_metrics = Instant::now();

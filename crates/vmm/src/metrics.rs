@@ -142,3 +142,81 @@ impl EntropyMetrics {
         })
     }
 }
+
+/// Counters of one network interface.
+#[derive(Debug, Default)]
+pub struct NetMetrics {
+    rx_bytes: AtomicU64,
+    rx_packets: AtomicU64,
+    tx_bytes: AtomicU64,
+    tx_packets: AtomicU64,
+    rx_dropped: AtomicU64,
+    tx_dropped: AtomicU64,
+    rx_rate_limiter_throttled: AtomicU64,
+    tx_rate_limiter_throttled: AtomicU64,
+    mmds_frames: AtomicU64,
+    invalid: AtomicU64,
+}
+
+impl NetMetrics {
+    /// A frame delivered to the guest.
+    pub fn add_rx(&self, bytes: u64) {
+        self.rx_packets.fetch_add(1, Ordering::Relaxed);
+        self.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A frame sent by the guest to the tap.
+    pub fn add_tx(&self, bytes: u64) {
+        self.tx_packets.fetch_add(1, Ordering::Relaxed);
+        self.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A frame for the guest that did not fit its buffer.
+    pub fn inc_rx_dropped(&self) {
+        self.rx_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A frame the tap refused.
+    pub fn inc_tx_dropped(&self) {
+        self.tx_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Receive held back by the rate limiter.
+    pub fn inc_rx_throttled(&self) {
+        self.rx_rate_limiter_throttled
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Transmit held back by the rate limiter.
+    pub fn inc_tx_throttled(&self) {
+        self.tx_rate_limiter_throttled
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A frame answered by the metadata service.
+    pub fn inc_mmds_frames(&self) {
+        self.mmds_frames.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A malformed chain or ring.
+    pub fn inc_invalid(&self) {
+        self.invalid.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counters as JSON.
+    pub fn to_json(&self) -> Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "rx_bytes": get(&self.rx_bytes),
+            "rx_packets": get(&self.rx_packets),
+            "tx_bytes": get(&self.tx_bytes),
+            "tx_packets": get(&self.tx_packets),
+            "rx_dropped": get(&self.rx_dropped),
+            "tx_dropped": get(&self.tx_dropped),
+            "rx_rate_limiter_throttled": get(&self.rx_rate_limiter_throttled),
+            "tx_rate_limiter_throttled": get(&self.tx_rate_limiter_throttled),
+            "mmds_frames": get(&self.mmds_frames),
+            "invalid": get(&self.invalid),
+        })
+    }
+}

@@ -12,7 +12,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{
     BootSourceConfig, DriveConfig, DriveUpdate, EntropyConfig, LoggerConfig, MachineConfig,
-    MachineConfigUpdate, MetricsConfig, VmConfig, VsockConfig,
+    MachineConfigUpdate, MetricsConfig, NetworkInterfaceConfig, NetworkInterfaceUpdate, VmConfig,
+    VsockConfig,
 };
 
 /// One thing a client asks the VMM to do.
@@ -42,6 +43,10 @@ pub enum VmmAction {
     PutVsock(VsockConfig),
     /// `PUT /entropy`.
     PutEntropy(EntropyConfig),
+    /// `PUT /network-interfaces/{id}`.
+    PutNetworkInterface(NetworkInterfaceConfig),
+    /// `PATCH /network-interfaces/{id}`.
+    PatchNetworkInterface(NetworkInterfaceUpdate),
     /// `PUT /actions` InstanceStart.
     InstanceStart,
     /// `PUT /actions` SendCtrlAltDel.

@@ -109,6 +109,13 @@ pub fn full_vm_config() -> VmConfig {
             vsock_id: Some("vsock0".into()),
         }),
         entropy: Some(vmm::config::EntropyConfig { rate_limiter: None }),
+        network_interfaces: vec![vmm::config::NetworkInterfaceConfig {
+            iface_id: "eth0".into(),
+            host_dev_name: "tap0".into(),
+            guest_mac: Some("06:00:AC:10:00:02".into()),
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        }],
     }
 }
 
