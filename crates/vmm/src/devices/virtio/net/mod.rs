@@ -288,10 +288,7 @@ impl Net {
             return;
         }
         let mut completed = false;
-        loop {
-            let Some(mut frame) = self.next_rx_frame() else {
-                break;
-            };
+        while let Some(mut frame) = self.next_rx_frame() {
             if !self
                 .rx_limiter
                 .consume((frame.len() - VNET_HDR_SIZE) as u64)
