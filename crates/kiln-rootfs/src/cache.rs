@@ -136,6 +136,9 @@ impl DiskCache {
         if let Some(path) = self.cached(digest)? {
             return Ok(path);
         }
+        // Holding the lock, nobody else is building this digest: anything a builder of it
+        // left behind is from one that died (crash, kill -9, power loss).
+        clean_stale(&dir, encoded);
         let started = std::time::Instant::now();
         let tree = dir.join(temp_name(encoded, "tree"));
         let tmp_image = dir.join(temp_name(encoded, "build"));
@@ -216,6 +219,26 @@ impl DiskCache {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(Error::io("remove", &path, e)),
+        }
+    }
+}
+
+/// Removes temporaries (`.<encoded>.tree-*`, `.<encoded>.build-*` and the unpack directory
+/// inside a tree's name) of earlier, dead builders of one digest. Only call with its lock held.
+fn clean_stale(dir: &Path, encoded: &str) {
+    let prefixes = [format!(".{encoded}."), format!("..{encoded}.")];
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if prefixes.iter().any(|p| name.starts_with(p.as_str())) {
+            let path = dir.join(name);
+            tracing::info!(path = %path.display(), "removing leftover of an interrupted build");
+            if let Err(e) = remove_path(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove leftover");
+            }
         }
     }
 }

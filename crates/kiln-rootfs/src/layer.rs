@@ -15,7 +15,8 @@ use crate::error::{Error, Result};
 pub struct LayerSource {
     /// The blob file (compressed or not, exactly as pulled).
     pub path: PathBuf,
-    /// Its OCI or Docker media type from the manifest.
+    /// Its OCI or Docker media type from the manifest; empty when there is none (a
+    /// `docker save` archive's `layer.tar`), in which case the magic bytes alone decide.
     pub media_type: String,
 }
 
@@ -105,11 +106,16 @@ pub fn sniff_compression(head: &[u8]) -> Compression {
 
 /// Opens a layer blob as a decompressed tar stream.
 pub(crate) fn open_layer(index: usize, layer: &LayerSource) -> Result<Box<dyn Read>> {
-    let declared =
-        declared_compression(&layer.media_type).ok_or_else(|| Error::UnsupportedMediaType {
-            layer: index,
-            media_type: layer.media_type.clone(),
-        })?;
+    let declared = if layer.media_type.trim().is_empty() {
+        None
+    } else {
+        Some(declared_compression(&layer.media_type).ok_or_else(|| {
+            Error::UnsupportedMediaType {
+                layer: index,
+                media_type: layer.media_type.clone(),
+            }
+        })?)
+    };
     let layer_err = |source: io::Error| Error::Layer {
         layer: index,
         path: layer.path.clone(),
@@ -119,7 +125,7 @@ pub(crate) fn open_layer(index: usize, layer: &LayerSource) -> Result<Box<dyn Re
     let mut reader = BufReader::with_capacity(256 * 1024, file);
     let head = reader.fill_buf().map_err(layer_err)?;
     let actual = sniff_compression(head);
-    if actual != declared {
+    if declared.is_some_and(|declared| declared != actual) {
         tracing::warn!(
             layer = index,
             media_type = %layer.media_type,

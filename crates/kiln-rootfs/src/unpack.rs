@@ -19,7 +19,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, BufWriter, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -384,9 +384,13 @@ impl Applier {
                     Mode::from_raw_mode(0o600),
                 )
                 .map_err(|e| EntryError::io("create file", e))?;
-                let mut file = File::from(fd);
+                // io::copy fills a BufWriter's buffer directly: few, large writes.
+                let mut file = BufWriter::with_capacity(256 * 1024, File::from(fd));
                 let written =
                     io::copy(entry, &mut file).map_err(|e| EntryError::io("write file data", e))?;
+                let file = file
+                    .into_inner()
+                    .map_err(|e| EntryError::io("write file data", e.into_error()))?;
                 self.stats.bytes += written;
                 apply_fd_meta(file.as_fd(), &meta)?;
             }

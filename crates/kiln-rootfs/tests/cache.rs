@@ -111,6 +111,15 @@ fn failed_build_leaves_no_image() {
         .tar();
     let layers = plain_layers(tmp.path(), vec![bad]);
     let cache = DiskCache::open(tmp.join("kiln")).expect("open");
+    // Leftovers of a builder that was killed mid-way are cleared by the next one.
+    let hex = DIGEST.trim_start_matches("sha256:");
+    let dir = tmp.join("kiln/rootfs/sha256");
+    std::fs::create_dir_all(dir.join(format!(".{hex}.tree-999999-0/etc"))).expect("mkdir");
+    std::fs::create_dir_all(dir.join(format!("..{hex}.tree-999999-0.unpack-999999-1/usr")))
+        .expect("mkdir");
+    std::fs::write(dir.join(format!(".{hex}.build-999999-2")), "half an image").expect("write");
+    std::os::unix::fs::symlink("/etc", dir.join(format!(".{hex}.tree-999999-0/etc/link")))
+        .expect("symlink");
     match cache.image_disk(DIGEST, &layers, 0) {
         Err(Error::Entry {
             layer: 0, entry, ..

@@ -169,6 +169,12 @@ fn size_follows_content_plus_free_space() {
             layer.file(&format!("d{d}/file-with-a-longish-name-{f}"), &small);
         }
     }
+    for f in 0..600 {
+        layer.file(
+            &format!("many/a-file-name-long-enough-to-fill-blocks-{f}"),
+            "",
+        );
+    }
     let big: String = (0..8 << 20)
         .map(|i| char::from(b'a' + (i % 26) as u8))
         .collect();
@@ -176,7 +182,7 @@ fn size_follows_content_plus_free_space() {
     let layers = plain_layers(tmp.path(), vec![layer.tar()]);
     Rootfs::unpack(&layers, &tree).expect("unpack");
     let measured = TreeUsage::measure(&tree).expect("measure");
-    assert_eq!(measured.inodes, 1 + 20 + 2000 + 1);
+    assert_eq!(measured.inodes, 1 + 20 + 2000 + 1 + 1 + 600);
     assert!(measured.blocks >= 2000 + 2048 + 20, "{measured:?}");
 
     for free in [0u64, 100 << 20] {
@@ -195,6 +201,16 @@ fn size_follows_content_plus_free_space() {
         );
         assert_eq!(cat(&image, "/d7/file-with-a-longish-name-42"), small);
         assert_eq!(stat(&image, "/big").size, 8 << 20);
+        // Multi-block directories are hashed (EXT4_INDEX_FL, 0x1000) after e2fsck -D.
+        let many = stat(&image, "/many");
+        let flags = many
+            .raw
+            .split("Flags: 0x")
+            .nth(1)
+            .and_then(|f| f.split_whitespace().next());
+        let flags = u32::from_str_radix(flags.expect("flags"), 16).expect("hex flags");
+        assert_ne!(flags & 0x1000, 0, "{}", many.raw);
+        assert_eq!(ls(&image, "/many").len(), 600);
     }
 }
 

@@ -309,6 +309,8 @@ fn gzip_and_zstd_layers_and_wrong_labels() {
     // Docker's media type; and a plain tar mislabelled as gzip: the magic bytes decide.
     layers[0].media_type = DOCKER_GZIP.to_owned();
     layers[2].media_type = TAR_GZIP.to_owned();
+    // No media type at all (a `docker save` layer.tar): sniffed.
+    layers[1].media_type = String::new();
     let dest = tmp.join("rootfs");
     let rootfs = Rootfs::unpack(&layers, &dest).expect("unpack");
     assert_eq!(std::fs::read_to_string(dest.join("gz")).expect("gz"), big);
