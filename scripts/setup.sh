@@ -9,6 +9,7 @@ packages=(
     busybox-static cpio   # initramfs for the real-Linux test
     e2fsprogs             # mkfs.ext4 -d and debugfs: disk images without mounting
     socat
+    iproute2              # network namespaces and taps for the virtio-net tests
     docker-registry apache2-utils  # a real OCI registry (htpasswd -B for its auth) for kiln-image's tests
 )
 if [ "$(id -u)" -ne 0 ]; then
