@@ -13,6 +13,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{FlockOperation, Mode, OFlags, RenameFlags, SeekFrom};
@@ -61,8 +62,10 @@ impl std::fmt::Debug for DiskCache {
 impl DiskCache {
     /// Opens (creating if needed) the cache under kiln root `root`, building with e2fsprogs.
     pub fn open(root: impl AsRef<Path>) -> Result<DiskCache> {
-        let dir = root.as_ref().join("rootfs");
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
+        let root = root.as_ref();
+        std::fs::create_dir_all(root).map_err(|e| Error::io("create directory", root, e))?;
+        let dir = root.join("rootfs");
+        private_dir(&dir)?;
         Ok(DiskCache {
             dir,
             builder: Box::new(MkfsExt4::new()),
@@ -121,7 +124,7 @@ impl DiskCache {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| self.dir.clone());
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
+        private_dir(&dir)?;
         let (_, encoded) = parse_digest(digest)?;
         let lock_path = dir.join(format!("{encoded}.lock"));
         let lock = OpenOptions::new()
@@ -243,6 +246,17 @@ fn clean_stale(dir: &Path, encoded: &str) {
     }
 }
 
+/// Creates a directory only root can enter (images hold whole guest filesystems, secrets
+/// included); an existing one is left as it is.
+fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(Error::io("create directory", dir, e)),
+    }
+}
+
 fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
     match rustix::fs::renameat_with(
         rustix::fs::CWD,
@@ -274,6 +288,7 @@ pub fn copy_disk(src: &Path, dst: &Path) -> Result<CopyMethod> {
     let output = OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(dst)
         .map_err(|e| Error::io("create", dst, e))?;
     let result = copy_fds(&input, &output).map_err(|e| Error::io("copy to", dst, e));

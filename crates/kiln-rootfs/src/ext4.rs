@@ -13,6 +13,7 @@ use std::ffi::OsStr;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -169,6 +170,7 @@ impl FsImageBuilder for MkfsExt4 {
         OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(out)
             .map_err(|e| Error::io("create image", out, e))?;
         let result = (|| {

@@ -121,14 +121,16 @@ impl Rootfs {
     ) -> Result<UnpackStats> {
         let root = fsops::open_dir(parent, tmp_name.as_bytes())
             .map_err(|e| Error::io("open directory", parent_path.join(tmp_name), e))?;
-        // mkdir(2) honoured the umask; a root filesystem's root is 0755 unless a layer says so.
-        rustix::fs::fchmod(&root, Mode::from_raw_mode(0o755))
-            .map_err(|e| Error::io("chmod", parent_path.join(tmp_name), e))?;
         let mut applier = Applier::new(root);
         for (index, layer) in layers.iter().enumerate() {
             let reader = open_layer(index, layer)?;
             applier.apply_layer(index, layer, reader)?;
         }
+        // The root stays 0700 while being filled, so no other host user can reach into a tree
+        // whose files do not have their final modes yet; it gets its real mode (0755 unless a
+        // layer's `./` entry said otherwise) only now. chmod leaves the mtime alone.
+        rustix::fs::fchmod(&applier.root, Mode::from_raw_mode(applier.root_mode))
+            .map_err(|e| Error::io("chmod", parent_path.join(tmp_name), e))?;
         Ok(applier.stats)
     }
 
@@ -215,12 +217,15 @@ struct Applier {
     /// directory the layer walked through cannot be removed or replaced by that layer.
     parent_cache: Option<(Vec<u8>, OwnedFd)>,
     stats: UnpackStats,
+    /// Mode for the root directory, applied after the last layer.
+    root_mode: u32,
 }
 
 impl Applier {
     fn new(root: OwnedFd) -> Self {
         Self {
             root,
+            root_mode: 0o755,
             touched: HashSet::new(),
             dir_times: Vec::new(),
             parent_cache: None,
@@ -331,6 +336,9 @@ impl Applier {
                 .try_clone()
                 .map_err(|e| EntryError::io("dup", e))?;
             apply_fd_meta(root.as_fd(), &meta)?;
+            rustix::fs::fchmod(&root, Mode::from_raw_mode(0o700))
+                .map_err(|e| EntryError::io("chmod", e))?;
+            self.root_mode = meta.mode;
             self.dir_times.push((Vec::new(), meta.times));
             self.stats.entries += 1;
             return Ok(());

@@ -77,6 +77,10 @@ fn second_image_disk_is_a_cache_hit() {
     fsck(&image);
     assert_eq!(cat(&image, "/etc/os-release"), "ID=kiln\n");
     assert_eq!(ls(&image, "/data"), Vec::<String>::new());
+    // Images hold whole guest filesystems: only root may read them.
+    let mode = |p: &Path| std::fs::metadata(p).expect("stat").mode() & 0o777;
+    assert_eq!(mode(&image), 0o600);
+    assert_eq!(mode(&tmp.join("kiln/rootfs")), 0o700);
     let first = std::fs::metadata(&image).expect("stat");
 
     // A second cache over the same root (another kiln process) finds it without building,

@@ -101,7 +101,8 @@ fn image_keeps_everything_the_layers_said() {
     assert!(ea.contains("(20)"), "capability value is 20 bytes: {ea}");
 
     let sh = stat(&image, "/bin/sh");
-    assert_eq!(sh.kind, "symlink");
+    assert_eq!((sh.kind.as_str(), sh.mtime), ("symlink", MTIME as i64));
+    assert_eq!(stat(&image, "/dev/null").mtime, MTIME as i64);
     assert!(sh.raw.contains("Fast link dest: \"busybox\""), "{}", sh.raw);
     let lib = stat(&image, "/lib");
     assert_eq!(
