@@ -100,6 +100,19 @@ impl VirtioInterrupt {
     }
 }
 
+/// Copies the part of a device's configuration space a driver reads; bytes past its end
+/// read as zero (the driver may probe any offset).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = offset
+            .checked_add(i as u64)
+            .and_then(|at| usize::try_from(at).ok())
+            .and_then(|at| config.get(at))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// Why a device could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {

@@ -203,14 +203,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.disk.capacity_sectors.to_le_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = offset
-                .checked_add(i as u64)
-                .and_then(|at| config.get(at as usize))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&self.disk.capacity_sectors.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {

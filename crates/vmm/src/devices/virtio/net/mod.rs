@@ -394,14 +394,7 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.mac.unwrap_or([0; 6]);
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = offset
-                .checked_add(i as u64)
-                .and_then(|at| config.get(at as usize))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&self.mac.unwrap_or([0; 6]), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
