@@ -13,6 +13,9 @@ use std::os::unix::net::UnixStream;
 
 use super::packet::{Header, TYPE_STREAM};
 
+/// How long a closing connection waits for the guest's RST before the VMM resets it.
+pub const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Receive buffer each connection advertises to the guest.
 pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
 
@@ -23,8 +26,9 @@ pub enum State {
     LocalInit,
     /// Data may flow.
     Established,
-    /// The host closed its socket; SHUTDOWN sent, waiting for the guest's RST.
-    Closing,
+    /// The host closed its socket; SHUTDOWN sent at the given time, waiting for the guest's
+    /// RST (a guest that never answers is reset after [`CLOSE_TIMEOUT`]).
+    Closing(std::time::Instant),
 }
 
 /// What went wrong on the host socket.

@@ -251,15 +251,31 @@ impl Vsock {
         match conn.state {
             State::Established => {
                 let shutdown = conn.header(self.cid, op::SHUTDOWN, 0, SHUTDOWN_RCV | SHUTDOWN_SEND);
-                conn.state = State::Closing;
+                conn.state = State::Closing(std::time::Instant::now());
                 conn.readable = false;
                 self.control.push_back(shutdown);
             }
-            State::LocalInit | State::Closing => {
+            State::LocalInit | State::Closing(_) => {
                 let rst = self.rst(key.0, key.1);
                 self.control.push_back(rst);
                 self.remove_conn(key, ops);
             }
+        }
+    }
+
+    /// Resets connections whose guest never acknowledged our SHUTDOWN, so a silent guest
+    /// cannot pin host sockets forever.
+    fn reset_stale_closing(&mut self, ops: &mut EventOps) {
+        let stale: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.state, State::Closing(since) if since.elapsed() > connection::CLOSE_TIMEOUT))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in stale {
+            let rst = self.rst(key.0, key.1);
+            self.control.push_back(rst);
+            self.remove_conn(key, ops);
         }
     }
 
@@ -330,7 +346,7 @@ impl Vsock {
                     let _ = conn.flush_to_host();
                 }
             }
-            (op::SHUTDOWN, State::Closing) | (op::RST, _) => self.remove_conn(key, ops),
+            (op::SHUTDOWN, State::Closing(_)) | (op::RST, _) => self.remove_conn(key, ops),
             _ => {
                 self.metrics.inc_invalid();
                 let rst = self.rst(key.0, key.1);
@@ -664,6 +680,7 @@ impl MutEventSubscriber for Vsock {
         } else {
             self.host_socket_event(fd, events.event_set(), ops);
         }
+        self.reset_stale_closing(ops);
         self.process_rx(ops);
     }
 }
