@@ -67,6 +67,12 @@ impl Rootfs {
     /// Nothing is left behind on failure: the tree is built under a temporary name in `dest`'s
     /// parent directory and renamed to `dest` only after the last layer applied. Needs root to
     /// keep owners and device nodes, as kiln always runs.
+    ///
+    /// The finished tree holds whatever the image holds, setuid-root binaries and device nodes
+    /// included: put `dest` in a directory other host users cannot enter (as [`DiskCache`]
+    /// does), or they could use those. While it is being filled the tree's root is 0700.
+    ///
+    /// [`DiskCache`]: crate::DiskCache
     pub fn unpack(layers: &[LayerSource], dest: &Path) -> Result<Rootfs> {
         let (parent, name) = split_dest(dest)?;
         let parent_fd = rustix::fs::open(&parent, fsops::DIR_FLAGS, Mode::empty())

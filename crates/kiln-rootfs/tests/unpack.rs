@@ -471,6 +471,31 @@ fn hostile_dotdot_path() {
 }
 
 #[test]
+fn pax_paths_are_used_and_checked() {
+    if !is_root() {
+        return;
+    }
+    let h = Hostile::new("pax");
+    let long = format!("{}/file", "directory-name/".repeat(12));
+    let tar = Layer::new().pax_file(long.as_bytes(), b"long").tar();
+    let layers = plain_layers(&h.tmp.join("blobs"), vec![tar]);
+    let dest = h.tmp.join("work/ok");
+    Rootfs::unpack(&layers, &dest).expect("unpack");
+    assert_eq!(std::fs::read(dest.join(&long)).expect("read"), b"long");
+    assert!(!dest.join("decoy").exists());
+    Rootfs::unpack(&[], &h.tmp.join("unused"))
+        .expect("empty")
+        .remove()
+        .expect("remove");
+    std::fs::remove_dir_all(&dest).expect("clean");
+    let tar = Layer::new().pax_file(b"../../outside/dir/evil", b"x").tar();
+    assert!(matches!(
+        h.refuse(vec![tar], 0, "../../outside/dir/evil"),
+        EntryError::DotDot
+    ));
+}
+
+#[test]
 fn hostile_absolute_path() {
     if !is_root() {
         return;

@@ -148,6 +148,25 @@ impl Layer {
         self
     }
 
+    /// A regular file whose path is only in a PAX `path` record (as Docker writes long
+    /// names); the ustar name field holds a decoy.
+    pub fn pax_file(&mut self, path: &[u8], data: &[u8]) -> &mut Self {
+        self.builder
+            .append_pax_extensions([("path", path)])
+            .expect("pax path");
+        let mut header = tar::Header::new_ustar();
+        header.as_old_mut().name[..5].copy_from_slice(b"decoy");
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(MTIME);
+        header.set_cksum();
+        self.builder.append(&header, data).expect("append");
+        self
+    }
+
     fn long_record(&mut self, ty: tar::EntryType, value: &[u8]) {
         let mut data = value.to_vec();
         data.push(0);
