@@ -253,6 +253,11 @@ impl Connection {
             self.deadline = (self.snd_una != self.snd_max).then(|| now + self.rto);
         }
         if le(self.snd_una, seg.ack) {
+            if self.snd_wnd == 0 && seg.window > 0 && seg.ack == self.snd_una {
+                // The window reopened without covering our probe: a closed window dropped
+                // it, so resume from the first unacknowledged byte rather than after it.
+                self.snd_nxt = self.snd_una;
+            }
             self.snd_wnd = u32::from(seg.window);
         }
 
