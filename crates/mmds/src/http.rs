@@ -165,12 +165,12 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 fn parse(buf: &[u8]) -> Result<(Request<'_>, usize), ParseError> {
+    let window = &buf[..buf.len().min(MAX_REQUEST_SIZE)];
     // RFC 9112 lets a server skip empty lines before the request line.
     let mut start = 0;
-    while buf[start..].starts_with(b"\r\n") {
+    while window[start..].starts_with(b"\r\n") {
         start += 2;
     }
-    let window = &buf[..buf.len().min(MAX_REQUEST_SIZE)];
     let Some(head_len) = find(&window[start..], b"\r\n\r\n") else {
         if buf.len() >= MAX_REQUEST_SIZE {
             return Err(ParseError::Bad(
@@ -179,7 +179,7 @@ fn parse(buf: &[u8]) -> Result<(Request<'_>, usize), ParseError> {
             ));
         }
         // A request line that already cannot be valid need not wait for more bytes.
-        if buf[start..].iter().any(|&b| b == 0 || b >= 0x80) {
+        if window[start..].iter().any(|&b| b == 0 || b >= 0x80) {
             return Err(bad("The request is not valid HTTP."));
         }
         return Err(ParseError::Incomplete);

@@ -11,27 +11,41 @@
 //! - [`MmdsConfig`]: the `PUT /mmds/config` body and its validation.
 //!
 //! # Wiring it into a VMM
+//! - API: `PUT /mmds` → [`Mmds::put`], `PATCH /mmds` → [`Mmds::patch`], `GET /mmds` →
+//!   [`Mmds::data`] (errors are [`StoreError`], 400 with its text as `fault_message`);
+//!   `PUT /mmds/config` → parse [`MmdsConfig`], [`MmdsConfig::validate`], then
+//!   [`Mmds::apply_config`] and one [`MmdsNetworkStack`] per listed interface on
+//!   [`MmdsConfig::ipv4`].
+//! - virtio-net's frame hook: `handle_tx` → [`MmdsNetworkStack::handle_frame`], `next_rx` →
+//!   [`MmdsNetworkStack::next_frame`]. Answers carry complete checksums, so they go to the
+//!   guest with an all-zero virtio-net header.
+//! - Timers: retransmissions, zero-window probes and idle clean-up need a clock. The stack
+//!   runs due timers itself whenever it is handed a frame or asked for one, which suffices
+//!   on a lossless path. For the rest, arm a timerfd (absolute, `CLOCK_MONOTONIC`, the clock
+//!   behind [`Instant`]) to [`MmdsNetworkStack::next_timeout`] after each TX batch; when it
+//!   fires call [`MmdsNetworkStack::on_timer`], drain `next_frame` into the RX queue and
+//!   re-arm.
+//!
 //! ```
 //! use std::sync::{Arc, Mutex};
 //! use std::time::Instant;
 //! use mmds::{Mmds, MmdsConfig, MmdsNetworkStack, DEFAULT_MAC};
 //!
 //! let mmds = Arc::new(Mutex::new(Mmds::new(mmds::DEFAULT_SIZE_LIMIT).expect("getrandom")));
+//! mmds.lock().unwrap().put(serde_json::json!({"latest": {"meta-data": {}}})).unwrap();
 //! let config: MmdsConfig =
 //!     serde_json::from_str(r#"{"version":"V2","network_interfaces":["eth0"]}"#).unwrap();
 //! config.validate(|id| id == "eth0").unwrap();
 //! mmds.lock().unwrap().apply_config(&config);
 //!
-//! // One stack per interface in `config.network_interfaces`.
 //! let mut stack = MmdsNetworkStack::new(DEFAULT_MAC, config.ipv4(), mmds.clone());
 //!
-//! // virtio-net TX: offer each guest frame; `true` means "consumed, don't send to the tap".
+//! // TX path: `true` means "consumed, keep it from the tap".
 //! # let frame = [0u8; 60];
 //! let consumed = stack.handle_frame(&frame);
-//! // Then (and whenever a timer fires) move answers into the RX queue.
+//! // After every TX batch, and after `on_timer`: move answers to the guest's RX queue.
 //! while let Some(reply) = stack.next_frame() { /* queue `reply` for the guest */ }
-//! // Retransmissions: arm a timer for `next_timeout()`, call `on_timer(now)` when it fires,
-//! // then drain `next_frame()` again.
+//! // Timer: re-arm to `next_timeout()`; on expiry run the due timers and drain again.
 //! if let Some(deadline) = stack.next_timeout() {
 //!     if deadline <= Instant::now() {
 //!         stack.on_timer(Instant::now());
@@ -151,6 +165,40 @@ mod tests {
             .map(|(_, b)| b.to_string())
             .unwrap_or_default();
         (status, body)
+    }
+
+    #[test]
+    fn shared_across_threads() {
+        fn assert_send<T: Send>() {}
+        assert_send::<Mmds>();
+        assert_send::<MmdsNetworkStack>();
+    }
+
+    #[test]
+    fn hostile_requests_never_panic() {
+        let mut mmds = Mmds::new(DEFAULT_SIZE_LIMIT).expect("mmds");
+        let now = Instant::now();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let alphabet = b"GETPU /:\r\n\r\nHTTP/1.01aA-_?#%~\x00\xff";
+        for round in 0..5000 {
+            let len = (round * 7) % 300;
+            let request: Vec<u8> = (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    alphabet[(state % alphabet.len() as u64) as usize]
+                })
+                .collect();
+            let response = mmds.handle_http(&request, now);
+            assert!(response.starts_with(b"HTTP/1."));
+        }
+        let crlfs = b"\r\n".repeat(5000);
+        assert!(mmds.handle_http(&crlfs, now).starts_with(b"HTTP/1.1 413"));
+        let mut long = b"GET /".to_vec();
+        long.extend(std::iter::repeat_n(b'a', 10_000));
+        long.extend_from_slice(b" HTTP/1.1\r\n\r\n");
+        assert!(mmds.handle_http(&long, now).starts_with(b"HTTP/1.1 413"));
     }
 
     #[test]

@@ -172,6 +172,7 @@ impl MmdsNetworkStack {
 
     /// [`next_frame`](Self::next_frame) as of `now`.
     pub fn next_frame_at(&mut self, now: Instant) -> Option<Vec<u8>> {
+        self.run_timers(now);
         if let Some(frame) = self.arp_replies.pop_front() {
             return Some(frame);
         }
@@ -218,8 +219,9 @@ impl MmdsNetworkStack {
 
     /// Runs the timers due at `now`; then drain [`next_frame`](Self::next_frame).
     ///
-    /// Also run lazily on every frame for the service, so a VMM without a timer still
-    /// recovers whenever the guest sends something; the timer only matters when a guest
+    /// Also run lazily by [`handle_frame`](Self::handle_frame) (for frames to the service)
+    /// and [`next_frame`](Self::next_frame), so a VMM that drains after every TX batch
+    /// recovers whenever the guest sends anything; a real timer only matters when the guest
     /// waits silently for a segment that was lost (e.g. dropped for lack of an RX buffer).
     pub fn on_timer(&mut self, now: Instant) {
         self.run_timers(now);
