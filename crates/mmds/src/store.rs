@@ -8,7 +8,7 @@ pub const DEFAULT_SIZE_LIMIT: usize = 51200;
 /// Why the host's metadata was refused; the `Display` text is meant for an API `fault_message`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
-    /// The document would grow past the configured limit (Firecracker answers this with 400).
+    /// The document would grow past the configured limit (Firecracker's API answers 413).
     #[error(
         "The MMDS data store is limited to {limit} bytes; the new contents take {size} bytes."
     )]
@@ -24,6 +24,16 @@ pub enum StoreError {
     /// A merge patch needs a document to apply to; Firecracker refuses `PATCH` before any `PUT`.
     #[error("The MMDS data store is not initialized: PUT the contents before patching them.")]
     NotInitialized,
+}
+
+impl StoreError {
+    /// The API status Firecracker answers with: 413 when the limit is exceeded, else 400.
+    pub fn status_code(&self) -> u16 {
+        match self {
+            StoreError::TooLarge { .. } => 413,
+            StoreError::NotAnObject | StoreError::NotInitialized => 400,
+        }
+    }
 }
 
 /// Why a guest-side lookup produced no value.
@@ -210,10 +220,10 @@ mod tests {
         assert_eq!(store.put(json!("x")), Err(StoreError::NotAnObject));
         assert_eq!(store.put(json!([1])), Err(StoreError::NotAnObject));
         let big = json!({"k": "0123456789abcdef"});
-        assert!(matches!(
-            store.put(big),
-            Err(StoreError::TooLarge { limit: 20, .. })
-        ));
+        let err = store.put(big).expect_err("too large");
+        assert!(matches!(err, StoreError::TooLarge { limit: 20, .. }));
+        assert_eq!(err.status_code(), 413);
+        assert_eq!(StoreError::NotAnObject.status_code(), 400);
         store.put(json!({"a": "b"})).expect("small object fits");
         assert_eq!(store.get(), &json!({"a": "b"}));
     }
