@@ -197,7 +197,14 @@ fn boots_debian_cloud_kernel_with_virtio_blk_over_acpi() {
     check_prerequisites(direct);
 
     let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-boot");
-    let mut args = vec!["--keep".to_string(), work.display().to_string()];
+    // Two vCPUs, so every run also proves SMP: the guest finds both in the MADT and starts the
+    // second through the in-kernel LAPIC (INIT/SIPI).
+    let mut args = vec![
+        "--keep".to_string(),
+        work.display().to_string(),
+        "--vcpus".to_string(),
+        "2".to_string(),
+    ];
     if direct {
         // kiln-vmm runs on the host: the binary cargo just built will do.
         args.push("--kiln-vmm".to_string());
@@ -247,11 +254,16 @@ fn boots_debian_cloud_kernel_with_virtio_blk_over_acpi() {
     }
 
     // The inner guest booted by kiln-vmm.
-    run.expect(
+    let init = run.expect(
         "KILN-INNER-INIT",
         "the inner Linux kernel never reached the initramfs /init (kernel hang or panic; \
          see the console)",
     );
+    if !init.split_whitespace().any(|field| field == "cpus=2") {
+        run.fail(&format!(
+            "the inner guest did not bring up both vCPUs (SMP through the MADT): {init}"
+        ));
+    }
     for module in ["virtio_ring", "virtio", "virtio_mmio", "virtio_blk"] {
         if let Some(line) = run.find(&format!("KILN-INNER-MODULE-FAIL {module}:")) {
             run.fail(&format!("the inner guest could not load {module}: {line}"));
