@@ -37,6 +37,12 @@ const GUESTS: &[Guest] = &[
     c_guest("counter", &["counter.c"]),
     c_guest("ctrl-alt-del", &["ctrl_alt_del.c"]),
     c_guest("triple-fault", &["triple_fault.c"]),
+    c_guest("vsock", &["vsock.c", "vsock_drv.c", "vq.c", "virtio.c"]),
+    c_guest(
+        "hostile-vsock",
+        &["hostile_vsock.c", "vsock_drv.c", "vq.c", "virtio.c"],
+    ),
+    c_guest("entropy", &["entropy.c", "vq.c", "virtio.c"]),
     Guest {
         name: "pvh",
         sources: &["pvh.S"],

@@ -581,3 +581,33 @@ fn dechunk(mut data: &[u8]) -> io::Result<Vec<u8>> {
 pub fn json(value: &serde_json::Value) -> String {
     value.to_string()
 }
+
+/// The value of `key=` in a guest's serial line (up to the next space), if present; `key` must
+/// start the line or follow a space.
+pub fn line_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let pattern = format!("{key}=");
+    let mut search = 0;
+    while let Some(pos) = line[search..].find(&pattern) {
+        let start = search + pos;
+        if start == 0 || line.as_bytes()[start - 1] == b' ' {
+            let value = &line[start + pattern.len()..];
+            return Some(value.split(' ').next().unwrap_or(""));
+        }
+        search = start + pattern.len();
+    }
+    None
+}
+
+/// The numeric value (decimal or 0x-prefixed hex) of `key=` in a guest line.
+///
+/// # Panics
+///
+/// If the line has no such field or its value is not a number.
+pub fn line_num(line: &str, key: &str) -> u64 {
+    let text = line_field(line, key).unwrap_or_else(|| panic!("no {key}= in guest line {line:?}"));
+    let parsed = match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    parsed.unwrap_or_else(|_| panic!("{key}={text:?} in guest line {line:?} is not a number"))
+}
