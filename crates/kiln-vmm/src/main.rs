@@ -50,6 +50,9 @@ struct Args {
     /// Metrics file (JSON lines).
     #[arg(long)]
     metrics_path: Option<PathBuf>,
+    /// Largest metadata document (MMDS) accepted, in bytes.
+    #[arg(long, default_value_t = mmds::DEFAULT_SIZE_LIMIT)]
+    mmds_size_limit: usize,
 }
 
 fn parse_level(text: &str) -> Result<LogLevel, String> {
@@ -83,6 +86,7 @@ fn main() -> ExitCode {
             Some(path) => SerialOutput::File(path.clone()),
             None => SerialOutput::Stdout,
         },
+        mmds_size_limit: args.mmds_size_limit,
     };
     let (handle, inbox) = match vmm::rpc::channel() {
         Ok(pair) => pair,

@@ -1126,3 +1126,67 @@ fn network_interface_configuration_errors_are_refused() {
         "{config}"
     );
 }
+
+#[test]
+fn mmds_document_is_stored_patched_limited_and_configured() {
+    let vmm = Vmm::with_api("mmds", &["--mmds-size-limit", "200"]);
+    assert_eq!(get_json(&vmm, "/mmds"), serde_json::json!({}));
+    vmm.put_ok(
+        "/mmds",
+        r#"{"latest":{"meta-data":{"instance-id":"i-1","zone":"a"}}}"#,
+    );
+    vmm.patch_ok(
+        "/mmds",
+        r#"{"latest":{"meta-data":{"zone":null,"tag":"x"}}}"#,
+    );
+    assert_eq!(
+        get_json(&vmm, "/mmds"),
+        serde_json::json!({"latest":{"meta-data":{"instance-id":"i-1","tag":"x"}}}),
+        "PATCH is a JSON merge patch"
+    );
+    let big = format!(r#"{{"blob":"{}"}}"#, "x".repeat(300));
+    let (status, body) = vmm.put("/mmds", &big);
+    assert_eq!(status, 413, "a document over --mmds-size-limit: {body}");
+    assert!(fault_message(&body).contains("200"), "{body}");
+    assert_eq!(
+        get_json(&vmm, "/mmds")["latest"]["meta-data"]["tag"],
+        "x",
+        "a refused PUT keeps the old document"
+    );
+    expect_400(&vmm, "PUT", "/mmds", Some("[1,2]"), "object");
+    expect_400(
+        &vmm,
+        "PUT",
+        "/mmds/config",
+        Some(r#"{"version":"V2","network_interfaces":["eth0"]}"#),
+        "eth0",
+    );
+    vmm.put_ok(
+        "/network-interfaces/eth0",
+        r#"{"iface_id":"eth0","host_dev_name":"lo"}"#,
+    );
+    expect_400(
+        &vmm,
+        "PUT",
+        "/mmds/config",
+        Some(r#"{"network_interfaces":["eth0"],"ipv4_address":"10.0.0.1"}"#),
+        "not link local",
+    );
+    expect_400(
+        &vmm,
+        "PUT",
+        "/mmds/config",
+        Some(r#"{"version":"V3","network_interfaces":["eth0"]}"#),
+        "version",
+    );
+    vmm.put_ok(
+        "/mmds/config",
+        r#"{"version":"V2","network_interfaces":["eth0"]}"#,
+    );
+    let config = get_json(&vmm, "/vm/config");
+    assert_eq!(config["mmds-config"]["version"], "V2", "{config}");
+    assert_eq!(
+        config["mmds-config"]["network_interfaces"][0], "eth0",
+        "{config}"
+    );
+}

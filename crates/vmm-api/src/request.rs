@@ -197,6 +197,10 @@ pub(crate) fn parse(method: &str, path: &str, body: &[u8]) -> Result<Parsed, Req
         (Method::Put, ["metrics"]) => Route::Metrics,
         (Method::Put, ["vsock"]) => Route::Vsock,
         (Method::Put, ["entropy"]) => Route::Entropy,
+        (Method::Get, ["mmds"]) => Route::GetMmds,
+        (Method::Put, ["mmds"]) => Route::PutMmds,
+        (Method::Patch, ["mmds"]) => Route::PatchMmds,
+        (Method::Put, ["mmds", "config"]) => Route::MmdsConfig,
         (Method::Put, ["network-interfaces", id]) => Route::PutNetworkInterface(id),
         (Method::Patch, ["network-interfaces", id]) => Route::PatchNetworkInterface(id),
         _ => return Err(invalid()),
@@ -271,6 +275,12 @@ pub(crate) fn parse(method: &str, path: &str, body: &[u8]) -> Result<Parsed, Req
             "an entropy device configuration",
             body,
         )?),
+        Route::GetMmds => VmmAction::GetMmds,
+        Route::PutMmds => VmmAction::PutMmds(json("the metadata document", body)?),
+        Route::PatchMmds => VmmAction::PatchMmds(json("a metadata patch", body)?),
+        Route::MmdsConfig => {
+            VmmAction::PutMmdsConfig(json::<mmds::MmdsConfig>("an MMDS configuration", body)?)
+        }
         Route::PutNetworkInterface(path_id) => {
             validate_id("network interface", path_id)?;
             let config: NetworkInterfaceConfig = json("a network interface", body)?;
@@ -329,6 +339,10 @@ enum Route<'a> {
     Entropy,
     PutNetworkInterface(&'a str),
     PatchNetworkInterface(&'a str),
+    GetMmds,
+    PutMmds,
+    PatchMmds,
+    MmdsConfig,
 }
 
 /// The path and body must name the same drive, so that a client cannot configure one drive

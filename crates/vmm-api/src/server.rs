@@ -245,8 +245,12 @@ fn vmm_response(result: ActionResult) -> Response<Full<Bytes>> {
         Ok(VmmData::InstanceInfo(info)) => json(StatusCode::OK, &info),
         Ok(VmmData::VmConfig(config)) => json(StatusCode::OK, &config),
         Ok(VmmData::MachineConfig(config)) => json(StatusCode::OK, &config),
+        Ok(VmmData::Json(value)) => json(StatusCode::OK, &value),
         Err(ActionError::BadRequest(message)) => fault(StatusCode::BAD_REQUEST, &message),
         Err(ActionError::Internal(message)) => fault(StatusCode::INTERNAL_SERVER_ERROR, &message),
+        Err(ActionError::PayloadTooLarge(message)) => {
+            fault(StatusCode::PAYLOAD_TOO_LARGE, &message)
+        }
     }
 }
 

@@ -63,9 +63,12 @@ fn check(spec: &Value, schema: &Value, value: &Value, at: &str, errors: &mut Vec
                     errors.push(format!("{at}: fewer than {min} properties"));
                 }
             }
+            // A free-form object (the metadata document) declares `additionalProperties: true`.
+            let free_form = schema.get("additionalProperties") == Some(&Value::Bool(true));
             for (name, item) in object {
                 match properties.get(name) {
                     Some(property) => check(spec, property, item, &format!("{at}.{name}"), errors),
+                    None if free_form => {}
                     None => errors.push(format!("{at}: property {name} is not documented")),
                 }
             }
@@ -183,7 +186,13 @@ fn with_real_files(body: &Value, scratch: &Scratch) -> Value {
 fn maximal_body(spec: &Value, schema: &Value, scratch: &Scratch) -> Value {
     let schema = resolve(spec, schema);
     let mut body = Map::new();
-    for (name, property) in schema["properties"].as_object().expect("properties") {
+    let no_properties = Map::new();
+    let properties = match schema.get("properties") {
+        Some(properties) => properties.as_object().expect("properties is an object"),
+        // A free-form object has no documented fields to fill in.
+        None => &no_properties,
+    };
+    for (name, property) in properties {
         let property = resolve(spec, property);
         let value = if let Some(first) = property.get("enum").and_then(|e| e.get(0)) {
             first.clone()
@@ -199,9 +208,14 @@ fn maximal_body(spec: &Value, schema: &Value, scratch: &Scratch) -> Value {
                     "iface_id" => "eth0",
                     "host_dev_name" => "tap0",
                     "guest_mac" => "06:00:AC:10:00:02",
+                    "ipv4_address" => "169.254.169.254",
                     _ => "rootfs",
                 }),
                 Some("object") => maximal_body(spec, property, scratch),
+                Some("array") => match name.as_str() {
+                    "network_interfaces" => Value::from(vec!["eth0"]),
+                    _ => Value::Array(Vec::new()),
+                },
                 other => panic!("{name}: no sample for type {other:?}"),
             }
         };
@@ -230,7 +244,7 @@ fn document_is_well_formed() {
     let operations = operations(&spec);
     assert_eq!(
         operations.len(),
-        17,
+        21,
         "{:?}",
         operations
             .iter()

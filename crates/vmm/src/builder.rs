@@ -88,7 +88,7 @@ pub enum SerialOutput {
 }
 
 /// Process-level options that are not part of the VM configuration.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct VmmOptions {
     /// Instance id reported by `GET /`.
     pub id: String,
@@ -96,6 +96,19 @@ pub struct VmmOptions {
     pub boot_timer: bool,
     /// Serial output destination.
     pub serial_output: SerialOutput,
+    /// Largest metadata document `PUT /mmds` accepts, in bytes.
+    pub mmds_size_limit: usize,
+}
+
+impl Default for VmmOptions {
+    fn default() -> Self {
+        VmmOptions {
+            id: String::new(),
+            boot_timer: false,
+            serial_output: SerialOutput::Stdout,
+            mmds_size_limit: mmds::DEFAULT_SIZE_LIMIT,
+        }
+    }
 }
 
 /// A block device and its transport-side handle.
@@ -344,6 +357,7 @@ impl Preparation {
 /// Builds and starts the VM described by `config`, using the prepared VM if there is one.
 pub fn start_vm(
     config: &VmConfig,
+    mmds: &Arc<Mutex<mmds::Mmds>>,
     options: &VmmOptions,
     exit: &ExitSignal,
     start_time: (Instant, u64),
@@ -468,6 +482,16 @@ pub fn start_vm(
             metrics.clone(),
         )
         .map_err(device_err)?;
+        let mut net = net;
+        if let Some(mmds_config) = config
+            .mmds_config
+            .as_ref()
+            .filter(|c| c.network_interfaces.contains(&iface.iface_id))
+        {
+            let stack =
+                mmds::MmdsNetworkStack::new(mmds::DEFAULT_MAC, mmds_config.ipv4(), mmds.clone());
+            net.set_frame_handler(Arc::new(Mutex::new(MmdsFrames(stack))));
+        }
         let device = Arc::new(Mutex::new(net));
         let info = attach_virtio(&vm, &memory, &mut mmio, device.clone(), device_infos.len())?;
         device_infos.push(info);
@@ -545,6 +569,27 @@ pub fn start_vm(
         entropy,
         nets,
     })
+}
+
+/// The metadata service's network stack, answering the frames a guest sends to it.
+struct MmdsFrames(mmds::MmdsNetworkStack);
+
+impl crate::devices::virtio::net::FrameHandler for MmdsFrames {
+    fn handle_tx(&mut self, frame: &[u8]) -> bool {
+        self.0.handle_frame(frame)
+    }
+
+    fn next_rx(&mut self) -> Option<Vec<u8>> {
+        self.0.next_frame()
+    }
+
+    fn next_timeout(&self) -> Option<Instant> {
+        self.0.next_timeout()
+    }
+
+    fn on_timer(&mut self, now: Instant) {
+        self.0.on_timer(now)
+    }
 }
 
 /// Puts a virtio device in MMIO slot `slot`: its register window on the MMIO bus, one

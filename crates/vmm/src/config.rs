@@ -245,6 +245,13 @@ pub struct VmConfig {
     /// Network interfaces, in attachment order.
     #[serde(rename = "network-interfaces", default)]
     pub network_interfaces: Vec<NetworkInterfaceConfig>,
+    /// The metadata service's configuration.
+    #[serde(
+        rename = "mmds-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mmds_config: Option<mmds::MmdsConfig>,
 }
 
 /// A network interface (`PUT /network-interfaces/{iface_id}`).

@@ -29,6 +29,13 @@ fn bad(message: impl Into<String>) -> ActionError {
     ActionError::BadRequest(message.into())
 }
 
+fn mmds_error(e: mmds::StoreError) -> ActionError {
+    match e.status_code() {
+        413 => ActionError::PayloadTooLarge(e.to_string()),
+        _ => bad(e.to_string()),
+    }
+}
+
 /// All VMM state the API can see or change.
 pub struct Vmm {
     options: VmmOptions,
@@ -41,11 +48,13 @@ pub struct Vmm {
     last_metrics: Instant,
     new_subscribers: Vec<Subscriber>,
     preparation: Preparation,
+    mmds: Arc<Mutex<mmds::Mmds>>,
 }
 
 impl Vmm {
     /// A VMM that has not booted anything yet.
     pub fn new(options: VmmOptions, inbox: Option<VmmInbox>) -> std::io::Result<Vmm> {
+        let mmds_size_limit = options.mmds_size_limit;
         Ok(Vmm {
             options,
             config: VmConfig::default(),
@@ -57,6 +66,10 @@ impl Vmm {
             last_metrics: Instant::now(),
             new_subscribers: Vec::new(),
             preparation: Preparation::default(),
+            mmds: Arc::new(Mutex::new(
+                mmds::Mmds::new(mmds_size_limit)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?,
+            )),
         })
     }
 
@@ -310,6 +323,25 @@ impl Vmm {
                 }
                 Ok(VmmData::Empty)
             }
+            VmmAction::GetMmds => Ok(VmmData::Json(lock(&self.mmds).data().clone())),
+            VmmAction::PutMmds(value) => {
+                lock(&self.mmds).put(value).map_err(mmds_error)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchMmds(patch) => {
+                lock(&self.mmds).patch(&patch).map_err(mmds_error)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutMmdsConfig(config) => {
+                self.pre_boot("The MMDS configuration")?;
+                let interfaces = &self.config.network_interfaces;
+                config
+                    .validate(|id| interfaces.iter().any(|i| i.iface_id == id))
+                    .map_err(|e| bad(e.to_string()))?;
+                lock(&self.mmds).apply_config(&config);
+                self.config.mmds_config = Some(config);
+                Ok(VmmData::Empty)
+            }
             VmmAction::InstanceStart => self.start(),
             VmmAction::SendCtrlAltDel => {
                 let running = self.post_boot("SendCtrlAltDel")?;
@@ -362,6 +394,7 @@ impl Vmm {
         let start = (Instant::now(), process_cpu_us());
         let running = builder::start_vm(
             &self.config,
+            &self.mmds,
             &self.options,
             &self.exit,
             start,
@@ -413,6 +446,9 @@ impl Vmm {
         }
         for iface in config.network_interfaces {
             self.handle(VmmAction::PutNetworkInterface(iface))?;
+        }
+        if let Some(mmds_config) = config.mmds_config {
+            self.handle(VmmAction::PutMmdsConfig(mmds_config))?;
         }
         Ok(())
     }

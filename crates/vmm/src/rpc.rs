@@ -47,6 +47,14 @@ pub enum VmmAction {
     PutNetworkInterface(NetworkInterfaceConfig),
     /// `PATCH /network-interfaces/{id}`.
     PatchNetworkInterface(NetworkInterfaceUpdate),
+    /// `GET /mmds`.
+    GetMmds,
+    /// `PUT /mmds`: replace the metadata document.
+    PutMmds(serde_json::Value),
+    /// `PATCH /mmds`: JSON merge patch of the document.
+    PatchMmds(serde_json::Value),
+    /// `PUT /mmds/config`.
+    PutMmdsConfig(mmds::MmdsConfig),
     /// `PUT /actions` InstanceStart.
     InstanceStart,
     /// `PUT /actions` SendCtrlAltDel.
@@ -95,6 +103,8 @@ pub enum VmmData {
     VmConfig(Box<VmConfig>),
     /// `GET /machine-config`.
     MachineConfig(MachineConfig),
+    /// `GET /mmds`.
+    Json(serde_json::Value),
 }
 
 /// Why a request was refused; the message is shown to the client as `fault_message`.
@@ -106,6 +116,9 @@ pub enum ActionError {
     /// The VMM failed while carrying out a valid request (HTTP 500).
     #[error("{0}")]
     Internal(String),
+    /// The request's data is larger than the VMM accepts (HTTP 413).
+    #[error("{0}")]
+    PayloadTooLarge(String),
 }
 
 /// The result of one request.

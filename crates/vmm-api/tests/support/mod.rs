@@ -116,6 +116,12 @@ pub fn full_vm_config() -> VmConfig {
             rx_rate_limiter: None,
             tx_rate_limiter: None,
         }],
+        mmds_config: Some(mmds::MmdsConfig {
+            version: mmds::MmdsVersion::V2,
+            network_interfaces: vec!["eth0".into()],
+            ipv4_address: Some(std::net::Ipv4Addr::new(169, 254, 169, 254)),
+            imds_compat: false,
+        }),
     }
 }
 
@@ -137,6 +143,7 @@ impl FakeVmm {
                         vmm_version: env!("CARGO_PKG_VERSION").into(),
                     })),
                     VmmAction::GetVmConfig => Ok(VmmData::VmConfig(Box::new(full_vm_config()))),
+                    VmmAction::GetMmds => Ok(VmmData::Json(serde_json::json!({"latest": {}}))),
                     VmmAction::GetMachineConfig => {
                         Ok(VmmData::MachineConfig(full_vm_config().machine_config))
                     }

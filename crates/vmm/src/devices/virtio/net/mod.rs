@@ -50,6 +50,12 @@ pub trait FrameHandler: Send {
     fn handle_tx(&mut self, frame: &[u8]) -> bool;
     /// The next frame the handler wants delivered to the guest.
     fn next_rx(&mut self) -> Option<Vec<u8>>;
+    /// When the handler next needs [`FrameHandler::on_timer`] (retransmissions, timeouts).
+    fn next_timeout(&self) -> Option<std::time::Instant> {
+        None
+    }
+    /// Runs the handler's due timers.
+    fn on_timer(&mut self, _now: std::time::Instant) {}
 }
 
 /// Why a network device could not be created.
@@ -88,6 +94,8 @@ pub struct Net {
     handler_rx: VecDeque<Vec<u8>>,
     tap_readable: bool,
     handler: Option<Arc<Mutex<dyn FrameHandler>>>,
+    /// Wakes the event loop for the frame handler's timers.
+    handler_timer: vmm_sys_util::timerfd::TimerFd,
     metrics: Arc<NetMetrics>,
 }
 
@@ -115,6 +123,8 @@ impl Net {
             handler_rx: VecDeque::new(),
             tap_readable: true,
             handler: None,
+            handler_timer: vmm_sys_util::timerfd::TimerFd::new()
+                .map_err(|e| NetError::EventFd(std::io::Error::from_raw_os_error(e.errno())))?,
             metrics,
         })
     }
@@ -243,11 +253,29 @@ impl Net {
         if completed && queue.needs_notification(memory).unwrap_or(true) {
             active.interrupt.signal_used_queue();
         }
-        // Answers from the frame handler go out on the RX side.
-        if let Some(handler) = &self.handler {
-            let mut handler = lock(handler);
-            while let Some(frame) = handler.next_rx() {
-                self.handler_rx.push_back(frame);
+        self.collect_handler_frames();
+    }
+
+    /// Takes the frame handler's answers for the RX side and re-arms its timer.
+    fn collect_handler_frames(&mut self) {
+        let Some(handler) = &self.handler else {
+            return;
+        };
+        let mut handler = lock(handler);
+        while let Some(frame) = handler.next_rx() {
+            self.handler_rx.push_back(frame);
+        }
+        match handler.next_timeout() {
+            Some(at) => {
+                let wait = at
+                    .saturating_duration_since(std::time::Instant::now())
+                    .max(std::time::Duration::from_millis(1));
+                if let Err(e) = self.handler_timer.reset(wait, None) {
+                    tracing::warn!("virtio-net {}: cannot arm the MMDS timer: {e}", self.id);
+                }
+            }
+            None => {
+                let _ = self.handler_timer.clear();
             }
         }
     }
@@ -453,6 +481,7 @@ impl MutEventSubscriber for Net {
             ops.add(Events::new_raw(self.tap.as_raw_fd(), tap_events)),
             ops.add(Events::new(self.rx_limiter.timer(), EventSet::IN)),
             ops.add(Events::new(self.tx_limiter.timer(), EventSet::IN)),
+            ops.add(Events::new(&self.handler_timer, EventSet::IN)),
         ];
         for result in watches {
             if let Err(e) = result {
@@ -480,6 +509,12 @@ impl MutEventSubscriber for Net {
         } else if fd == self.tx_limiter.timer().as_raw_fd() {
             self.tx_limiter.on_timer();
             self.process_tx();
+        } else if fd == self.handler_timer.as_raw_fd() {
+            let _ = self.handler_timer.wait();
+            if let Some(handler) = &self.handler {
+                lock(handler).on_timer(std::time::Instant::now());
+            }
+            self.collect_handler_frames();
         }
         if !self.rx_limiter.is_blocked() {
             self.process_rx();
