@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustix::fs::FlockOperation;
-use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, IoContext, Result};
 
@@ -23,9 +22,21 @@ pub(crate) fn to_hex(bytes: &[u8]) -> String {
 }
 
 /// A running sha256 that ends as a `sha256:<hex>` digest.
-#[derive(Default, Clone)]
+///
+/// ring's assembly implementation rather than the `sha2` crate: a kernel import hashes the
+/// whole modules tree (~100 MiB for Debian's), which takes seconds with an unoptimized `sha2`
+/// (tests, debug builds) and well under a second with ring in any build profile.
+#[derive(Clone)]
 pub(crate) struct Hasher {
-    inner: Sha256,
+    inner: ring::digest::Context,
+}
+
+impl Default for Hasher {
+    fn default() -> Self {
+        Hasher {
+            inner: ring::digest::Context::new(&ring::digest::SHA256),
+        }
+    }
 }
 
 impl Hasher {
@@ -36,7 +47,7 @@ impl Hasher {
 
     /// The digest of everything hashed.
     pub(crate) fn finish(self) -> String {
-        format!("sha256:{}", to_hex(&self.inner.finalize()))
+        format!("sha256:{}", to_hex(self.inner.finish().as_ref()))
     }
 }
 
