@@ -35,6 +35,7 @@ const GUESTS: &[Guest] = &[
     c_guest("hostile-blk", &["hostile_blk.c", "virtio.c"]),
     c_guest("boot-timer", &["boot_timer.c"]),
     c_guest("counter", &["counter.c"]),
+    c_guest("net-pump", &["net_pump.c", "virtio.c"]),
     c_guest("ctrl-alt-del", &["ctrl_alt_del.c"]),
     c_guest("triple-fault", &["triple_fault.c"]),
     c_guest("vsock", &["vsock.c", "vsock_drv.c", "vq.c", "virtio.c"]),

@@ -611,3 +611,49 @@ pub fn line_num(line: &str, key: &str) -> u64 {
     };
     parsed.unwrap_or_else(|_| panic!("{key}={text:?} in guest line {line:?} is not a number"))
 }
+
+impl Vmm {
+    /// Starts `cmd` (which must exec `kiln-vmm` in place, as `ip netns exec` does, so that the
+    /// child's pid is the VMM's) capturing stdout and stderr.
+    pub fn spawn_command(dir: TempDir, mut cmd: Command) -> Vmm {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|err| panic!("starting {cmd:?}: {err}"));
+        let stdout = Output::new();
+        let stderr = Output::new();
+        let out: ChildStdout = child.stdout.take().expect("piped stdout");
+        let err: ChildStderr = child.stderr.take().expect("piped stderr");
+        stdout.clone().collect(out);
+        stderr.clone().collect(err);
+        Vmm {
+            child,
+            exit: None,
+            stdout,
+            stderr,
+            api_sock: None,
+            dir,
+        }
+    }
+
+    /// Like [`Vmm::with_api`], but runs `kiln-vmm` inside the network namespace `netns` through
+    /// `ip netns exec`, which also mounts that namespace's `/sys` (where kiln-vmm looks taps
+    /// up).
+    pub fn with_api_in_netns(netns: &str, id: &str, extra: &[&str]) -> Vmm {
+        let dir = TempDir::new(id);
+        let sock = dir.join("api.sock");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns])
+            .arg(VMM_BIN)
+            .arg("--api-sock")
+            .arg(&sock)
+            .args(["--id", id])
+            .args(extra);
+        let mut vmm = Vmm::spawn_command(dir, cmd);
+        vmm.api_sock = Some(sock.clone());
+        vmm.wait_for_socket(&sock);
+        vmm
+    }
+}
