@@ -466,21 +466,26 @@ impl KernelStore {
     }
 
     /// Ends an import: on failure, removes what it stored (unless another import or a lease is
-    /// active, in which case a later collection does).
+    /// active, in which case a later collection does); after a replacing import, the replaced
+    /// kernel's files likewise.
     fn finish(
         &self,
         lease: KernelLease,
         scratch: ScratchDir,
-        result: Result<KernelRecord>,
+        result: Result<(KernelRecord, bool)>,
     ) -> Result<KernelRecord> {
         drop(scratch);
         drop(lease);
-        if result.is_err() {
+        let collect = match &result {
+            Ok((_, replaced)) => *replaced,
+            Err(_) => true,
+        };
+        if collect {
             if let Err(e) = self.try_gc() {
-                tracing::warn!("cleaning up after a failed import: {e}");
+                tracing::warn!("collecting unused kernel files after an import: {e}");
             }
         }
-        result
+        result.map(|(record, _)| record)
     }
 
     fn check_name_free(&self, name: &str, replace: bool) -> Result<()> {
@@ -498,7 +503,7 @@ impl KernelStore {
         p: Prepared,
         options: &ImportOptions,
         scratch: &ScratchDir,
-    ) -> Result<KernelRecord> {
+    ) -> Result<(KernelRecord, bool)> {
         let name = match &options.name {
             Some(n) => n.clone(),
             None => {
@@ -580,14 +585,13 @@ impl KernelStore {
             imported_at: now(),
         };
         let replace = options.replace;
-        self.update_names(|names| {
+        let replaced = self.update_names(|names| {
             if !replace && names.kernels.contains_key(&name) {
                 return Err(Error::NameInUse { name: name.clone() });
             }
-            names.kernels.insert(name.clone(), entry.clone());
-            Ok(())
+            Ok(names.kernels.insert(name.clone(), entry.clone()).is_some())
         })?;
-        self.record(&name, &entry)
+        Ok((self.record(&name, &entry)?, replaced))
     }
 
     /// Moves a complete file from scratch into `blobs/` under its digest.

@@ -487,3 +487,57 @@ fn concurrent_imports() {
     KernelStore::open(&root).expect("open").gc().expect("gc");
     assert_store_empty(&root);
 }
+
+#[test]
+fn ensure_default_picks_the_newest_and_follows_upgrades() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("root");
+    let boot = tmp.path().join("boot");
+    let lib = tmp.path().join("lib/modules");
+    fs::create_dir_all(&boot).expect("boot");
+    let add = |release: &str| {
+        fs::write(
+            boot.join(format!("vmlinuz-{release}")),
+            fake_bzimage(&format!("{release} (kiln@test) #1")),
+        )
+        .expect("kernel");
+        fake_modules_tree(&lib, release, Comp::None);
+    };
+    let opts = kiln_kernel::DefaultKernelOptions {
+        boot_dir: boot.clone(),
+        modules_root: lib.clone(),
+        busybox: Some(fake_busybox(tmp.path())),
+        ..kiln_kernel::DefaultKernelOptions::default()
+    };
+    let store = KernelStore::open(&root).expect("open");
+    let err = store
+        .ensure_default(&opts)
+        .expect_err("no kernel installed");
+    assert!(matches!(err, Error::NoDefaultKernel(_)), "{err}");
+    assert!(err.to_string().contains("linux-image-cloud-amd64"), "{err}");
+
+    add("6.1.0-9-cloud-amd64");
+    add("6.1.0-10-cloud-amd64");
+    add("6.1.0-11-amd64"); // another flavour: ignored
+    let rec = store.ensure_default(&opts).expect("default");
+    assert_eq!(rec.name, "default");
+    assert_eq!(rec.release.as_deref(), Some("6.1.0-10-cloud-amd64"));
+    assert_eq!(store.ensure_default(&opts).expect("again"), rec);
+
+    add("6.1.0-12-cloud-amd64");
+    let newer = store.ensure_default(&opts).expect("upgrade");
+    assert_eq!(newer.release.as_deref(), Some("6.1.0-12-cloud-amd64"));
+    assert_eq!(store.list().expect("list").len(), 1);
+
+    // The package removed: the stored default stays usable.
+    fs::remove_dir_all(&boot).expect("rm boot");
+    assert_eq!(store.ensure_default(&opts).expect("kept"), newer);
+    assert!(newer.kernel_path.is_file());
+    // The replaced kernel's files were collected.
+    assert_eq!(
+        fs::read_dir(root.join("kernels/blobs/sha256"))
+            .expect("blobs")
+            .count(),
+        2
+    );
+}

@@ -152,7 +152,7 @@ fn ago(secs: u64) -> String {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     match now.saturating_sub(secs) {
-        d @ 0..=59 => format!("{d} seconds ago"),
+        0..=59 => "just now".to_string(),
         d @ 60..=3599 => format!("{} minutes ago", d / 60),
         d @ 3600..=86_399 => format!("{} hours ago", d / 3600),
         d => format!("{} days ago", d / 86_400),
