@@ -145,6 +145,26 @@ fn imported_line(r: &KernelRecord) -> String {
     )
 }
 
+/// Why a kernel imported without `--no-initrd` got no initramfs, and what to do if that was
+/// not meant: a stock kernel needs its virtio modules loaded before it can see the disk.
+fn no_initrd_note(r: &KernelRecord) -> String {
+    let hint = match r.release.as_deref() {
+        Some(rel)
+            if Path::new("/lib/modules")
+                .join(rel)
+                .join("modules.dep")
+                .is_file() =>
+        {
+            format!(" (its modules are in /lib/modules/{rel}: import it with --modules /lib/modules/{rel})")
+        }
+        _ => String::new(),
+    };
+    format!(
+        "note: {} has no modules, so no initramfs was generated; it boots only if virtio-mmio, virtio-blk and ext4 are built in (see crates/kiln-kernel/README.md){hint}",
+        r.name
+    )
+}
+
 /// "3 minutes ago" for a Unix timestamp.
 fn ago(secs: u64) -> String {
     let now = std::time::SystemTime::now()
@@ -192,6 +212,9 @@ pub fn run_in(root: &Path, command: KernelCommand, out: &mut dyn Write) -> anyho
                 None => store.import_file(Path::new(&path), &options)?,
             };
             writeln!(out, "imported {}", imported_line(&record))?;
+            if record.initrd.is_none() && !no_initrd {
+                eprintln!("{}", no_initrd_note(&record));
+            }
         }
         KernelCommand::Pull {
             reference,
