@@ -50,6 +50,9 @@ struct Args {
     /// Metrics file (JSON lines).
     #[arg(long)]
     metrics_path: Option<PathBuf>,
+    /// Load this JSON file into the metadata service (MMDS) at start, as `PUT /mmds` would.
+    #[arg(long)]
+    metadata: Option<PathBuf>,
     /// Largest metadata document (MMDS) accepted, in bytes.
     #[arg(long, default_value_t = mmds::DEFAULT_SIZE_LIMIT)]
     mmds_size_limit: usize,
@@ -101,6 +104,23 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot set up signal handling: {e}"), 1),
     };
+
+    if let Some(path) = &args.metadata {
+        let document = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read metadata file {}: {e}", path.display()))
+            .and_then(|text| {
+                serde_json::from_str(&text)
+                    .map_err(|e| format!("metadata file {} is not JSON: {e}", path.display()))
+            })
+            .and_then(|value| {
+                vmm.handle(vmm::rpc::VmmAction::PutMmds(value))
+                    .map(|_| ())
+                    .map_err(|e| format!("metadata file {}: {e}", path.display()))
+            });
+        if let Err(e) = document {
+            return fail(e, EXIT_BAD_CONFIG);
+        }
+    }
 
     if let Some(path) = &args.metrics_path {
         let metrics = vmm::config::MetricsConfig {

@@ -615,8 +615,6 @@ fn host_closing_its_socket_makes_the_guest_see_shutdown() {
 }
 
 #[test]
-#[ignore = "kiln-vmm bug: a guest SHUTDOWN(RCV|SEND) drops data the device still buffers for \
-            the host socket (handle_tx_packet flushes once, then removes the connection)"]
 fn guest_shutdown_right_after_sending_still_delivers_every_byte_to_a_slow_host_reader() {
     if !kvm_or_skip(
         "guest_shutdown_right_after_sending_still_delivers_every_byte_to_a_slow_host_reader",

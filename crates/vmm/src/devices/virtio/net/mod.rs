@@ -194,10 +194,9 @@ impl Net {
         let mut completed = false;
         let mut frame = Vec::with_capacity(MAX_FRAME);
         loop {
-            let next = match queue.iter(memory) {
-                Ok(mut iter) => iter.next(),
-                Err(e) => {
-                    let reason = format!("tx ring: {e}");
+            let next = match next_chain(queue, memory) {
+                Ok(next) => next,
+                Err(reason) => {
                     self.mark_broken(&reason);
                     return;
                 }
@@ -317,23 +316,14 @@ impl Net {
         }
         let mut completed = false;
         while let Some(mut frame) = self.next_rx_frame() {
-            if !self
-                .rx_limiter
-                .consume((frame.len() - VNET_HDR_SIZE) as u64)
-            {
-                self.metrics.inc_rx_throttled();
-                self.rx_pending = Some(frame);
-                break;
-            }
             let Some(active) = self.active.as_mut() else {
                 return;
             };
             let memory = &active.memory;
             let queue = &mut active.queues[RX];
-            let next = match queue.iter(memory) {
-                Ok(mut iter) => iter.next(),
-                Err(e) => {
-                    let reason = format!("rx ring: {e}");
+            let next = match next_chain(queue, memory) {
+                Ok(next) => next,
+                Err(reason) => {
                     self.mark_broken(&reason);
                     return;
                 }
@@ -343,6 +333,16 @@ impl Net {
                 self.rx_pending = Some(frame);
                 break;
             };
+            // Charged only once a buffer is there, so a waiting frame is never charged twice.
+            if !self
+                .rx_limiter
+                .consume((frame.len() - VNET_HDR_SIZE) as u64)
+            {
+                queue.go_to_previous_position();
+                self.metrics.inc_rx_throttled();
+                self.rx_pending = Some(frame);
+                break;
+            }
             let head = chain.head_index();
             // num_buffers = 1: without mergeable buffers each frame fills one chain.
             frame[10] = 1;
@@ -387,6 +387,30 @@ impl Net {
             {
                 active.interrupt.signal_used_queue();
             }
+        }
+    }
+}
+
+/// The next available chain. When the ring looks empty, notifications are re-enabled first
+/// (with EVENT_IDX this publishes how far the device has read, without which the driver stops
+/// ringing the doorbell) and the ring is checked once more for a buffer that raced with it.
+fn next_chain<'m>(
+    queue: &mut Queue,
+    memory: &'m GuestMemoryMmap,
+) -> Result<Option<virtio_queue::DescriptorChain<&'m GuestMemoryMmap>>, String> {
+    loop {
+        match queue.iter(memory) {
+            Ok(mut iter) => {
+                if let Some(chain) = iter.next() {
+                    return Ok(Some(chain));
+                }
+            }
+            Err(e) => return Err(format!("ring: {e}")),
+        }
+        match queue.enable_notification(memory) {
+            Ok(true) => continue,
+            Ok(false) => return Ok(None),
+            Err(e) => return Err(format!("notification: {e}")),
         }
     }
 }

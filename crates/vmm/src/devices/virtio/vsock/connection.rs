@@ -29,6 +29,10 @@ pub enum State {
     /// The host closed its socket; SHUTDOWN sent at the given time, waiting for the guest's
     /// RST (a guest that never answers is reset after [`CLOSE_TIMEOUT`]).
     Closing(std::time::Instant),
+    /// The guest closed both directions while data for the host was still buffered: the data
+    /// is still delivered, then the connection is reset (or after [`CLOSE_TIMEOUT`], if the
+    /// host stops reading).
+    Draining(std::time::Instant),
 }
 
 /// What went wrong on the host socket.
@@ -131,6 +135,11 @@ impl Connection {
     /// The guest closed its sending side.
     pub fn guest_shut_send(&mut self) {
         self.guest_done_sending = true;
+    }
+
+    /// Whether guest data is still waiting for the host socket.
+    pub fn has_data_for_host(&self) -> bool {
+        !self.to_host.is_empty()
     }
 
     /// Writes as much buffered guest data to the host socket as it takes.

@@ -231,6 +231,18 @@ impl Vsock {
         if events.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP) {
             conn.readable = true;
         }
+        if events.contains(EventSet::OUT) && matches!(conn.state, State::Draining(_)) {
+            let closed = matches!(conn.flush_to_host(), SocketEvent::Closed);
+            if closed || !conn.has_data_for_host() {
+                let rst = self.rst(key.0, key.1);
+                self.control.push_back(rst);
+                self.remove_conn(key, ops);
+            } else {
+                // Still draining: the timeout counts from the last progress.
+                conn.state = State::Draining(std::time::Instant::now());
+            }
+            return;
+        }
         if events.contains(EventSet::OUT) && conn.state == State::Established {
             if let SocketEvent::Closed = conn.flush_to_host() {
                 self.host_closed(key, ops);
@@ -255,7 +267,7 @@ impl Vsock {
                 conn.readable = false;
                 self.control.push_back(shutdown);
             }
-            State::LocalInit | State::Closing(_) => {
+            State::LocalInit | State::Closing(_) | State::Draining(_) => {
                 let rst = self.rst(key.0, key.1);
                 self.control.push_back(rst);
                 self.remove_conn(key, ops);
@@ -269,7 +281,10 @@ impl Vsock {
         let stale: Vec<ConnKey> = self
             .conns
             .iter()
-            .filter(|(_, c)| matches!(c.state, State::Closing(since) if since.elapsed() > connection::CLOSE_TIMEOUT))
+            .filter(|(_, c)| {
+                matches!(c.state, State::Closing(since) | State::Draining(since)
+                    if since.elapsed() > connection::CLOSE_TIMEOUT)
+            })
             .map(|(key, _)| *key)
             .collect();
         for key in stale {
@@ -337,7 +352,14 @@ impl Vsock {
             (op::CREDIT_UPDATE, _) => {}
             (op::SHUTDOWN, State::Established) => {
                 if header.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND) == SHUTDOWN_RCV | SHUTDOWN_SEND {
+                    conn.guest_shut_send();
                     let _ = conn.flush_to_host();
+                    if conn.has_data_for_host() {
+                        // Deliver what the guest sent before it closed; the reset follows.
+                        conn.state = State::Draining(std::time::Instant::now());
+                        conn.readable = false;
+                        return;
+                    }
                     let rst = self.rst(key.0, key.1);
                     self.control.push_back(rst);
                     self.remove_conn(key, ops);
@@ -347,6 +369,7 @@ impl Vsock {
                 }
             }
             (op::SHUTDOWN, State::Closing(_)) | (op::RST, _) => self.remove_conn(key, ops),
+            (_, State::Draining(_)) => {}
             _ => {
                 self.metrics.inc_invalid();
                 let rst = self.rst(key.0, key.1);
@@ -446,13 +469,20 @@ impl Vsock {
     }
 
     /// Fills guest RX buffers: control packets first, then data from readable connections.
+    /// Host sockets found closed on the way queue a SHUTDOWN, which goes out in the same call.
     fn process_rx(&mut self, ops: &mut EventOps) {
+        while self.fill_rx(ops) {}
+    }
+
+    /// One pass of [`Vsock::process_rx`]; true if it closed connections (and so queued
+    /// control packets that still need a buffer).
+    fn fill_rx(&mut self, ops: &mut EventOps) -> bool {
         let mut closed = Vec::new();
         let mut notify = false;
         let mut broken = None;
         'outer: loop {
             let Some(active) = self.active.as_mut() else {
-                return;
+                return false;
             };
             let memory = &active.memory;
             let queue = &mut active.queues[RX];
@@ -550,12 +580,13 @@ impl Vsock {
                 self.host_closed(key, ops);
             }
         }
+        let closed_any = !closed.is_empty();
         for key in closed {
             self.host_closed(key, ops);
         }
         if let Some(reason) = broken {
             self.mark_broken(&reason);
-            return;
+            return false;
         }
         if notify {
             if let Some(active) = self.active.as_mut() {
@@ -567,6 +598,7 @@ impl Vsock {
                 }
             }
         }
+        closed_any && !self.control.is_empty()
     }
 }
 
