@@ -76,6 +76,31 @@ echo "kiln-guest-wrote: $fromhost" > /mnt/from-guest.txt || fail "write /from-gu
 sync
 umount /mnt || fail "umount failed"
 echo "KILN-INNER-DONE uptime=$(up)"
+
+# virtio-net: the tap's far side is 172.16.0.1; the metadata service answers at
+# 169.254.169.254 inside the VMM (V2: session token first).
+if [ -e /sys/class/net/eth0 ]; then
+    ip link set eth0 up
+    ip addr add 172.16.0.2/24 dev eth0
+    echo "KILN-INNER-NET-UP mac=$(cat /sys/class/net/eth0/address)"
+    if ping -c 1 -W 5 172.16.0.1 >/dev/null 2>&1; then
+        echo "KILN-INNER-PING-OK"
+    else
+        echo "KILN-INNER-PING-FAIL"
+    fi
+    ip route add 169.254.169.254/32 dev eth0
+    token=$(printf 'PUT /latest/api/token HTTP/1.1\r\nHost: 169.254.169.254\r\nX-metadata-token-ttl-seconds: 60\r\nConnection: close\r\n\r\n' |
+        nc -w 5 169.254.169.254 80 | tail -n 1)
+    echo "KILN-INNER-MMDS-TOKEN length=${#token}"
+    nonce=$(printf 'GET /kiln/nonce HTTP/1.1\r\nHost: 169.254.169.254\r\nX-metadata-token: %s\r\nConnection: close\r\n\r\n' "$token" |
+        nc -w 5 169.254.169.254 80 | tail -n 1)
+    echo "KILN-INNER-MMDS-NONCE: $nonce"
+    status=$(printf 'GET /kiln/nonce HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n' |
+        nc -w 5 169.254.169.254 80 | head -n 1 | tr -d '\r')
+    echo "KILN-INNER-MMDS-NO-TOKEN: $status"
+else
+    echo "KILN-INNER-NET-MISSING (no eth0)"
+fi
 # Interrupt counts (serial, virtio, timers): diagnostics for the VMM's interrupt routing.
 sed -n '2,$p' /proc/interrupts | awk '$2 != 0 { $1 = $1; print "KILN-INNER-IRQ " $0 }'
 finish

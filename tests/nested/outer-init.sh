@@ -63,8 +63,15 @@ if [ "$(cat /disk-mode 2>/dev/null)" = copy ]; then
     echo "KILN-OUTER-DISK-MODE copy (/dev/vda -> /tmp/disk.img)"
 fi
 
+# The tap behind the inner guest's eth0; the outer side answers its pings.
+if tunctl -t tap0 >/dev/null 2>&1 && ip link set tap0 up && ip addr add 172.16.0.1/24 dev tap0; then
+    echo "KILN-OUTER-TAP-READY tap0 172.16.0.1/24"
+else
+    echo "KILN-OUTER-TAP-FAIL (tun module loaded? $(grep -c '^tun ' /proc/modules))"
+fi
+
 echo "KILN-VMM-START uptime=$(up)"
-/kiln-vmm --no-api --config-file "$vmjson"
+/kiln-vmm --no-api --config-file "$vmjson" --metadata /metadata.json
 rc=$?
 echo "KILN-VMM-EXIT $rc uptime=$(up)"
 if [ "$vmjson" = /tmp/vm.json ]; then

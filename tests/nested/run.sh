@@ -147,8 +147,13 @@ else
 fi
 RUN_PID=""
 STAMP_PID=""
+# The tap kiln-vmm attaches the guest's eth0 to: made by the outer init in the outer VM, or on
+# the host (and removed again) in direct mode.
+TAP=tap0
+HOST_TAP=""
 cleanup() {
     local rc=$?
+    if [[ -n $HOST_TAP ]]; then ip link del "$HOST_TAP" 2>/dev/null || true; fi
     if [[ -n $RUN_PID ]] && kill -0 "$RUN_PID" 2>/dev/null; then
         # timeout(1) leads its own process group: this stops it and the VM it runs.
         kill -TERM -- "-$RUN_PID" 2>/dev/null || kill -TERM "$RUN_PID" 2>/dev/null || true
@@ -262,7 +267,7 @@ echo "KILN-HOST-NONCE $NONCE"
 INNER_ROOT=$WORK/inner-root
 rm -rf "$INNER_ROOT"
 busybox_root "$INNER_ROOT" "$HERE/inner-init.sh"
-resolve_modules virtio_ring virtio virtio_mmio virtio_blk
+resolve_modules virtio_ring virtio virtio_mmio virtio_blk virtio_net
 install_modules "$INNER_ROOT"
 echo "KILN-INNER-MODULE-ORDER $(tr '\n' ' ' <"$INNER_ROOT/modules.list")"
 make_cpio "$INNER_ROOT" "$WORK/inner-initrd.img"
@@ -282,7 +287,7 @@ if [[ $MODE == nested || $MODE == outer-check ]]; then
     rm -rf "$OUTER_ROOT"
     busybox_root "$OUTER_ROOT" "$HERE/outer-init.sh"
     resolve_modules irqbypass kvm kvm_amd virtio_ring virtio virtio_pci_legacy_dev \
-        virtio_pci_modern_dev virtio_pci virtio_blk
+        virtio_pci_modern_dev virtio_pci virtio_blk tun
     install_modules "$OUTER_ROOT"
     if [[ $MODE == outer-check ]]; then
         echo check >"$OUTER_ROOT/mode"
@@ -309,14 +314,25 @@ if [[ $MODE == nested || $MODE == outer-check ]]; then
       "is_read_only": false
     }
   ],
+  "network-interfaces": [
+    { "iface_id": "eth0", "host_dev_name": "$TAP", "guest_mac": "06:00:AC:10:00:02" }
+  ],
+  "mmds-config": { "version": "V2", "network_interfaces": ["eth0"] },
   "machine-config": { "vcpu_count": $VCPUS, "mem_size_mib": $MEM_MIB }
 }
 EOF
+        echo "{\"kiln\": {\"nonce\": \"$NONCE\"}}" >"$OUTER_ROOT/metadata.json"
     fi
     make_cpio "$OUTER_ROOT" "$WORK/outer-initrd.img"
 fi
 
 if [[ $MODE == direct ]]; then
+    need ip iproute2
+    TAP="kiln$$"
+    ip tuntap add dev "$TAP" mode tap || die "cannot create tap $TAP (root and /dev/net/tun needed)"
+    HOST_TAP=$TAP
+    ip addr add 172.16.0.1/24 dev "$TAP"
+    ip link set "$TAP" up
     cat >"$WORK/vm.json" <<EOF
 {
   "boot-source": {
@@ -332,9 +348,14 @@ if [[ $MODE == direct ]]; then
       "is_read_only": false
     }
   ],
+  "network-interfaces": [
+    { "iface_id": "eth0", "host_dev_name": "$TAP", "guest_mac": "06:00:AC:10:00:02" }
+  ],
+  "mmds-config": { "version": "V2", "network_interfaces": ["eth0"] },
   "machine-config": { "vcpu_count": $VCPUS, "mem_size_mib": $MEM_MIB }
 }
 EOF
+    echo "{\"kiln\": {\"nonce\": \"$NONCE\"}}" >"$WORK/metadata.json"
 fi
 
 # ---------------------------------------------------------------- run
@@ -380,7 +401,7 @@ case $MODE in
         log "running kiln-vmm on the host (timeout ${TIMEOUT}s)"
         printf '%s %s\n' "$EPOCHREALTIME" "KILN-VMM-START (host)" >>"$WORK/console.ts"
         echo "KILN-VMM-START (host)" >>"$WORK/console.log"
-        run_vm "$KILN_VMM" --no-api --config-file "$WORK/vm.json"
+        run_vm "$KILN_VMM" --no-api --config-file "$WORK/vm.json" --metadata "$WORK/metadata.json"
         echo "KILN-VMM-EXIT $VM_RC (host)"
         printf '%s %s\n' "$EPOCHREALTIME" "KILN-VMM-EXIT $VM_RC (host)" >>"$WORK/console.ts"
         echo "KILN-VMM-EXIT $VM_RC (host)" >>"$WORK/console.log"
@@ -444,6 +465,12 @@ if [[ $MODE != outer-check ]]; then
     check 'KILN-INNER-DISK-FOUND /dev/vda' "inner guest has /dev/vda"
     check "KILN-INNER-FROM-HOST: $NONCE" "inner guest read /from-host.txt ($NONCE)"
     check 'KILN-INNER-DONE' "inner guest wrote /from-guest.txt and unmounted"
+    if [[ $MODE != host-qemu ]]; then
+        check 'KILN-INNER-NET-UP mac=06:00:ac:10:00:02' "inner guest has eth0 (virtio-net) with the configured MAC"
+        check 'KILN-INNER-PING-OK' "inner guest pinged the host side of the tap over virtio-net"
+        check "KILN-INNER-MMDS-NONCE: $NONCE" "inner guest read the metadata service with a V2 session token"
+        check 'KILN-INNER-MMDS-NO-TOKEN: HTTP/1.1 401' "metadata service refused a V1-style request (no token) under V2"
+    fi
     if [[ $MODE == host-qemu ]]; then
         check 'KILN-VMM-EXIT 0( |$)' "QEMU exited 0 after the guest reset"
     else

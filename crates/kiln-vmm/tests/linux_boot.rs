@@ -314,6 +314,24 @@ fn boots_debian_cloud_kernel_with_virtio_blk_over_acpi() {
         &format!("KILN-HOST-FROM-GUEST-OK kiln-guest-wrote: {nonce}"),
         "the host did not find the guest's /from-guest.txt in the ext4 image (debugfs)",
     );
+
+    // virtio-net on a tap, and the metadata service the VMM answers itself.
+    run.expect(
+        "KILN-INNER-NET-UP mac=06:00:ac:10:00:02",
+        "the inner guest has no eth0 with the configured MAC (virtio-net)",
+    );
+    run.expect(
+        "KILN-INNER-PING-OK",
+        "the inner guest's ping of the tap's far side (172.16.0.1) got no answer",
+    );
+    run.expect(
+        &format!("KILN-INNER-MMDS-NONCE: {nonce}"),
+        "the inner guest could not read the metadata document with a V2 session token",
+    );
+    run.expect(
+        "KILN-INNER-MMDS-NO-TOKEN: HTTP/1.1 401",
+        "the metadata service (V2) answered a request without a token",
+    );
     let exit = run.expect("KILN-VMM-EXIT ", "kiln-vmm's exit status was not reported");
     if !exit.starts_with("KILN-VMM-EXIT 0") {
         run.fail(&format!(
