@@ -130,14 +130,14 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
-    /// An I/O error on a named path.
-    #[error("{path}: {source}")]
+    /// An I/O error on a named path. The OS error is part of the message (not a separate
+    /// `source`), so `{:#}` chains do not print it twice.
+    #[error("{path}: {error}")]
     Io {
         /// The file or directory involved.
         path: PathBuf,
         /// The OS error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Any other failure with a description.
     #[error("{0}")]
@@ -149,7 +149,7 @@ impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 }
