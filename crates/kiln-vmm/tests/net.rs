@@ -577,6 +577,8 @@ struct Boot<'a> {
     rx_rate_limiter: Option<serde_json::Value>,
     tx_rate_limiter: Option<serde_json::Value>,
     idle_at_end: bool,
+    /// Extra feature bits the guest accepts (`kiln.net_features=`).
+    features: u64,
 }
 
 impl<'a> Boot<'a> {
@@ -587,6 +589,7 @@ impl<'a> Boot<'a> {
             rx_rate_limiter: None,
             tx_rate_limiter: None,
             idle_at_end: false,
+            features: 0,
         }
     }
 }
@@ -604,6 +607,9 @@ fn boot(ns: &NetNs, script: &Script, opts: Boot) -> Vmm {
     let mut boot_args = "console=ttyS0".to_string();
     if opts.idle_at_end {
         boot_args.push_str(" kiln.end=idle");
+    }
+    if opts.features != 0 {
+        boot_args.push_str(&format!(" kiln.net_features={:#x}", opts.features));
     }
     vmm.put_ok(
         "/boot-source",
@@ -848,6 +854,102 @@ fn frames_cross_the_tap_intact_in_both_directions() {
     finish(vmm, ns);
 }
 
+/// Boots a guest that accepts `features` on top of VERSION_1 and MAC, sends it a UDP datagram
+/// from the host kernel, and returns the virtio-net header and frame it received, with the
+/// UDP checksum finished as a driver would if the header asks for it, and checked.
+fn udp_to_guest(id: &str, features: u64) -> [u8; NET_HDR] {
+    let ns = NetNs::new();
+    let guest_ip = format!(
+        "{}.{}.{}.{}",
+        GUEST_IP[0], GUEST_IP[1], GUEST_IP[2], GUEST_IP[3]
+    );
+    ns.ip(&[
+        "neigh",
+        "add",
+        &guest_ip,
+        "lladdr",
+        GUEST_MAC_TEXT,
+        "dev",
+        TAP,
+        "nud",
+        "permanent",
+    ]);
+    let mut script = Script::default();
+    script.recv(1, 20_000, ETH_IPV4);
+    let mut opts = Boot::new(id);
+    opts.features = features;
+    let mut vmm = boot(&ns, &script, opts);
+    let net_line = wait_line(&vmm, "net-pump: net base=");
+    assert_eq!(
+        line_num(&net_line, "accepted"),
+        (1 << 32) | (1 << 5) | features,
+        "{net_line}"
+    );
+    wait_line(&vmm, "net-pump: recv-start");
+    let payload: Vec<u8> = (0..333u32).map(|i| (i * 13 + 1) as u8).collect();
+    let target = format!("{guest_ip}:4242");
+    ns.in_ns(|| {
+        let socket = std::net::UdpSocket::bind("172.16.0.1:4141").expect("bind UDP");
+        socket.send_to(&payload, &target).expect("send UDP");
+    });
+    wait_reset(&mut vmm);
+    let stored = script.read_output(&vmm.dir.join("script.img"));
+    assert_eq!(stored.len(), 1);
+    let buffer = &stored[0];
+    let hdr: [u8; NET_HDR] = buffer[..NET_HDR].try_into().expect("header");
+    let mut frame = buffer[NET_HDR..].to_vec();
+    eprintln!("virtio-net header of a UDP frame with features {features:#x}: {hdr:02x?}");
+    assert_eq!(hdr[1], 0, "gso_type: none");
+    assert_eq!(hdr[10..12], [1, 0], "num_buffers");
+    let ip = 14;
+    let udp = ip + usize::from(frame[ip] & 0xf) * 4;
+    assert_eq!(frame[ip + 9], 17, "UDP");
+    if hdr[0] & 1 != 0 {
+        // NEEDS_CSUM: finish the checksum as the driver would.
+        let csum_start = usize::from(u16::from_le_bytes([hdr[6], hdr[7]]));
+        let csum_offset = usize::from(u16::from_le_bytes([hdr[8], hdr[9]]));
+        assert_eq!(
+            (csum_start, csum_offset),
+            (udp, 6),
+            "checksum position: {hdr:02x?}"
+        );
+        let sum = inet_checksum(&frame[csum_start..]);
+        frame[csum_start + csum_offset..csum_start + csum_offset + 2]
+            .copy_from_slice(&sum.to_be_bytes());
+    }
+    // The (finished) checksum must be right: pseudo-header plus datagram sums to zero.
+    let udp_len = frame.len() - udp;
+    let mut pseudo = frame[ip + 12..ip + 20].to_vec();
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    pseudo.extend_from_slice(&frame[udp..]);
+    assert_eq!(
+        inet_checksum(&pseudo),
+        0,
+        "UDP checksum (header {hdr:02x?})"
+    );
+    assert_eq!(frame[udp + 8..], payload[..], "UDP payload");
+    finish(vmm, ns);
+    hdr
+}
+
+#[test]
+fn checksum_offload_follows_the_negotiated_guest_csum_feature() {
+    if !net_or_skip("checksum_offload_follows_the_negotiated_guest_csum_feature") {
+        return;
+    }
+    // Without VIRTIO_NET_F_GUEST_CSUM the tap must finish every checksum itself.
+    let hdr = udp_to_guest("net-csum-off", 0);
+    assert_eq!(
+        hdr,
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        "no offload without GUEST_CSUM"
+    );
+    // With it, the host kernel's UDP checksum is left to the guest (VIRTIO_NET_HDR_F_NEEDS_CSUM).
+    let hdr = udp_to_guest("net-csum-on", 1 << 1);
+    assert_eq!(hdr[0], 1, "NEEDS_CSUM with GUEST_CSUM: {hdr:02x?}");
+}
+
 #[test]
 fn hostile_chains_leave_the_vmm_up_and_later_frames_flow() {
     if !net_or_skip("hostile_chains_leave_the_vmm_up_and_later_frames_flow") {
@@ -971,6 +1073,78 @@ fn hostile_chains_leave_the_vmm_up_and_later_frames_flow() {
     }
     let stderr = vmm.stderr.text();
     assert!(!stderr.contains("panicked"), "{stderr}");
+    finish(vmm, ns);
+}
+
+/// CPU time (clock ticks) the VMM's threads other than its vCPUs have used.
+fn vmm_non_vcpu_ticks(pid: u32) -> u64 {
+    let mut ticks = 0;
+    for task in fs::read_dir(format!("/proc/{pid}/task")).expect("list the VMM's threads") {
+        let Ok(stat) = fs::read_to_string(task.expect("thread entry").path().join("stat")) else {
+            continue;
+        };
+        // "tid (comm) state ..." with utime and stime the 14th and 15th fields.
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if head.contains("(vcpu") {
+            continue;
+        }
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        ticks += fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0);
+    }
+    ticks
+}
+
+#[test]
+fn deleting_the_tap_under_a_running_vm_leaves_the_vmm_up_and_idle() {
+    if !net_or_skip("deleting_the_tap_under_a_running_vm_leaves_the_vmm_up_and_idle") {
+        return;
+    }
+    let ns = NetNs::new();
+    let mut script = Script::default();
+    let good = script.frame(test_frame([0x02, 0, 0, 0, 0, 1], 300, 2));
+    script
+        .send(good, 1)
+        .cmd(OP_MARK, 1, 0, 0)
+        .cmd(OP_SLEEP, 8000, 0, 0)
+        .send(good, 1)
+        .recv(1, 1000, ETH_TEST);
+    let mut vmm = boot(&ns, &script, Boot::new("net-tap-gone"));
+    wait_line(&vmm, "net-pump: mark 1");
+    ns.ip(&["link", "del", TAP]);
+    thread::sleep(Duration::from_millis(500));
+    // The tap fd now reports errors: the event loop must not spin on it.
+    let (ticks0, t0) = (vmm_non_vcpu_ticks(vmm.pid()), Instant::now());
+    thread::sleep(Duration::from_secs(2));
+    let ticks1 = vmm_non_vcpu_ticks(vmm.pid());
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let busy = (ticks1 - ticks0) as f64 / hz / t0.elapsed().as_secs_f64();
+    eprintln!(
+        "VMM threads besides the vCPU after the tap was deleted: {:.0}% CPU",
+        busy * 100.0
+    );
+    assert!(
+        busy < 0.3,
+        "the VMM uses {:.0}% CPU outside its vCPU with the tap gone",
+        busy * 100.0
+    );
+    assert_alive(&vmm, "after the tap was deleted");
+    let lines = wait_reset(&mut vmm);
+    let sends: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("net-pump: send"))
+        .collect();
+    assert_eq!(sends.len(), 2, "{}", lines.join("\n"));
+    for l in sends {
+        assert_eq!(
+            line_num(l, "drained"),
+            1,
+            "a frame sent to a deleted tap is still returned: {l}"
+        );
+        assert_eq!(line_num(l, "needs-reset"), 0, "{l}");
+    }
     finish(vmm, ns);
 }
 

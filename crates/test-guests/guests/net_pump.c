@@ -32,7 +32,9 @@
  *   MARK k                    print "net-pump: mark k"
  *   SLEEP ms                  spin for `ms`
  *
- * kiln.end=idle on the command line makes the guest idle at the end instead of resetting.
+ * kiln.end=idle on the command line makes the guest idle at the end instead of resetting;
+ * kiln.net_features=MASK adds feature bits to the ones the guest accepts (e.g. 0x2 for
+ * VIRTIO_NET_F_GUEST_CSUM: received frames may then carry NEEDS_CSUM headers).
  */
 #include "virtio.h"
 
@@ -275,7 +277,8 @@ static int net_init(u32 size, u32 mode, u32 count)
 	offered = rd(VIRTIO_MMIO_DEVICE_FEATURES);
 	wr(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
 	offered |= (u64)rd(VIRTIO_MMIO_DEVICE_FEATURES) << 32;
-	accepted = offered & (VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC);
+	accepted = offered & (VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC |
+			      cmdline_u64("kiln.net_features", 0));
 	wr(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
 	wr(VIRTIO_MMIO_DRIVER_FEATURES, (u32)accepted);
 	wr(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
