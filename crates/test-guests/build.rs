@@ -32,6 +32,7 @@ const GUESTS: &[Guest] = &[
         &["virtio_discover.c", "acpi.c", "virtio.c"],
     ),
     c_guest("blk", &["blk.c", "virtio.c"]),
+    c_guest("blk-stream", &["blk_stream.c", "virtio.c"]),
     c_guest("hostile-blk", &["hostile_blk.c", "virtio.c"]),
     c_guest("boot-timer", &["boot_timer.c"]),
     c_guest("counter", &["counter.c"]),
@@ -44,6 +45,8 @@ const GUESTS: &[Guest] = &[
         &["hostile_vsock.c", "vsock_drv.c", "vq.c", "virtio.c"],
     ),
     c_guest("entropy", &["entropy.c", "vq.c", "virtio.c"]),
+    c_guest("blk-bench", &["blk_bench.c", "vq.c", "virtio.c", "usermode.c"]),
+    c_guest("vsock-bench", &["vsock_bench.c", "vsock_drv.c", "vq.c", "virtio.c", "usermode.c"]),
     Guest {
         name: "pvh",
         sources: &["pvh.S"],
