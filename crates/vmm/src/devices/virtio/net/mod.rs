@@ -221,7 +221,11 @@ impl Net {
                 }
             };
             // Both directions count frame bytes, without the virtio-net header.
-            if valid && !self.tx_limiter.consume((frame.len() - VNET_HDR_SIZE) as u64) {
+            if valid
+                && !self
+                    .tx_limiter
+                    .consume((frame.len() - VNET_HDR_SIZE) as u64)
+            {
                 self.metrics.inc_tx_throttled();
                 queue.go_to_previous_position();
                 break;
