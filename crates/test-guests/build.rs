@@ -45,6 +45,20 @@ const GUESTS: &[Guest] = &[
         &["hostile_vsock.c", "vsock_drv.c", "vq.c", "virtio.c"],
     ),
     c_guest("entropy", &["entropy.c", "vq.c", "virtio.c"]),
+    c_guest(
+        "blk-bench",
+        &["blk_bench.c", "vq.c", "virtio.c", "usermode.c"],
+    ),
+    c_guest(
+        "vsock-bench",
+        &[
+            "vsock_bench.c",
+            "vsock_drv.c",
+            "vq.c",
+            "virtio.c",
+            "usermode.c",
+        ],
+    ),
     Guest {
         name: "pvh",
         sources: &["pvh.S"],
