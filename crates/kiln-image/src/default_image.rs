@@ -23,8 +23,12 @@ const BUSYBOX: &str = "/bin/busybox";
 /// Whether a pull of `reference` means the locally built default image.
 pub(crate) fn is_default_name(reference: &str) -> bool {
     let r = reference.trim();
-    r == DEFAULT_IMAGE_ALIAS
-        || crate::reference::normalize_reference(r).is_ok_and(|n| n == DEFAULT_IMAGE)
+    // Cheap checks first: normalizing compiles a regex.
+    if r == DEFAULT_IMAGE_ALIAS || r == DEFAULT_IMAGE {
+        return true;
+    }
+    r.contains("kiln/busybox")
+        && crate::reference::normalize_reference(r).is_ok_and(|n| n == DEFAULT_IMAGE)
 }
 
 /// Whether an ELF file has a program interpreter, i.e. is dynamically linked (and so would

@@ -300,6 +300,11 @@ impl Store {
         } else {
             input
         };
+        // A reference already in normalized form needs no parsing (parsing compiles a regex,
+        // which dominates a cached `kiln image disk`).
+        if let Some(found) = refs.images.get_key_value(input) {
+            return Ok(found);
+        }
         if let Ok(parsed) = reference::parse(input) {
             let whole = parsed.whole();
             if let Some(found) = refs.images.get_key_value(&whole) {
