@@ -5,10 +5,15 @@
  * a time while guest user-mode code runs natively, so a guest that wants to measure a device
  * rather than the emulator runs its hot loop in ring 3.  usermode_run() builds its own
  * identity page tables (the low 4 GiB in 2 MiB pages, every one user-accessible, the
- * virtio-mmio window included), a GDT with user code/data segments and a TSS, and then
- * `iretq`s into `fn(arg)` at CPL3 with IOPL=3, so the serial port and the i8042 reset still
- * work from ring 3.  There is no IDT, no interrupt and no syscall: `fn` must never return
- * (end with reset()), and any exception in ring 3 triple-faults the VM.
+ * virtio-mmio window included), a GDT with user code/data segments and a TSS (RSP0 for
+ * exceptions), an IDT, and then `iretq`s into `fn(arg)` at CPL3 with IOPL=3.
+ *
+ * kvm_pvm runs ring 3 with the host's IOPL of 0, so `in`/`out` from ring 3 raise #GP despite
+ * IOPL=3; the #GP handler performs the port access in ring 0 (emulated: a few hundred
+ * instructions per access) and returns past the instruction, so serial output and the i8042
+ * reset work unchanged, only slower.  MMIO (virtio notify) and rdtsc need no help.  Any other
+ * exception is reported on the serial port and resets the VM.  `fn` must never return (end
+ * with reset()); there are no interrupts and no syscalls.
  */
 #ifndef KILN_USERMODE_H
 #define KILN_USERMODE_H
