@@ -471,7 +471,8 @@ def main():
                      f"{med([r['cpu']['sys'] for r in runs]):.2f}/"
                      f"{med([r['cpu']['guest'] for r in runs]):.2f}")
             guest = med([mb / r["guest_s"] for r in runs if r["guest_s"] > 0])
-            rng = f"{min(mb / r['wall'] for r in runs):.0f}-{max(mb / r['wall'] for r in runs):.0f}"
+            lo, hi = min(mb / r["wall"] for r in runs), max(mb / r["wall"] for r in runs)
+            rng = f"{lo:.0f}-{hi:.0f}" if lo >= 10 else f"{lo:.1f}-{hi:.1f}"
             rows.append((key, f"{wall:.1f}", rng, f"{per_cpu:.1f}", f"{cpu_s:.3f}",
                          f"{per_vmm:.0f}", f"{vmm_s:.3f}", split,
                          f"{guest:.1f}" if guest else "n/a"))
