@@ -63,6 +63,9 @@ pub struct Connection {
     to_host: VecDeque<u8>,
     /// The guest will send no more data: close our write side once `to_host` drains.
     guest_done_sending: bool,
+    /// Our write side is already shut: shutting it again would wake both ends' epoll (and so
+    /// this device) for nothing, in a loop.
+    host_write_shut: bool,
 }
 
 impl Connection {
@@ -81,6 +84,7 @@ impl Connection {
             last_fwd_cnt_sent: Wrapping(0),
             to_host: VecDeque::new(),
             guest_done_sending: false,
+            host_write_shut: false,
         }
     }
 
@@ -157,7 +161,8 @@ impl Connection {
                 Err(_) => return SocketEvent::Closed,
             }
         }
-        if self.guest_done_sending {
+        if self.guest_done_sending && !self.host_write_shut {
+            self.host_write_shut = true;
             let _ = self.stream.shutdown(std::net::Shutdown::Write);
         }
         SocketEvent::Idle
