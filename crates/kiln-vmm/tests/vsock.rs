@@ -750,49 +750,13 @@ fn hostile_run() -> &'static HostileRun {
         });
         vm.start();
 
-        let mut liveness_failures = Vec::new();
-        let deadline = Instant::now() + RUN_TIMEOUT;
-        let mut finished = false;
         let mut vmm = vm.vmm;
-        while Instant::now() < deadline {
-            if vmm
-                .stdout
-                .wait_for("hostile-vsock: finished", Duration::from_millis(300))
-                .is_some()
-            {
-                finished = true;
-                break;
-            }
-            if !vmm.is_running() {
-                liveness_failures.push(format!(
-                    "kiln-vmm exited while the guest ran: {:?}",
-                    vmm.try_wait()
-                ));
-                break;
-            }
-            let (status, body) = vmm.get("/");
-            if status != 200 {
-                liveness_failures.push(format!(
-                    "GET / answered {status} {body} while the guest ran"
-                ));
-            }
-        }
-        if !finished && liveness_failures.is_empty() {
-            liveness_failures.push("the guest did not reach its final line in time".into());
-        }
-        if vmm.is_running() {
-            let (status, body) = vmm.get("/");
-            if status != 200 || !body.contains("Running") {
-                liveness_failures.push(format!(
-                    "after the guest finished, GET / answered {status} {body}"
-                ));
-            }
-        } else {
-            liveness_failures.push(format!(
-                "kiln-vmm is not running after the guest finished: {:?}",
-                vmm.try_wait()
-            ));
-        }
+        let mut liveness_failures = common::watch_liveness(
+            &mut vmm,
+            "hostile-vsock: finished",
+            Instant::now() + RUN_TIMEOUT,
+            Duration::from_millis(300),
+        );
         stall_release.store(true, Ordering::SeqCst);
         let good_accepted = good.accepted();
         let split_accepted = split.accepted();

@@ -657,3 +657,49 @@ impl Vmm {
         vmm
     }
 }
+
+/// Runs a hostile guest to its `final_line` while checking that the VMM stays up and keeps
+/// answering `GET /` (every `poll`); returns what went wrong (empty when all was well).
+pub fn watch_liveness(
+    vmm: &mut Vmm,
+    final_line: &str,
+    deadline: Instant,
+    poll: Duration,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    let mut finished = false;
+    while Instant::now() < deadline {
+        if vmm.stdout.wait_for(final_line, poll).is_some() {
+            finished = true;
+            break;
+        }
+        if !vmm.is_running() {
+            failures.push(format!(
+                "kiln-vmm exited while the guest ran: {:?}",
+                vmm.try_wait()
+            ));
+            break;
+        }
+        let (status, body) = vmm.get("/");
+        if status != 200 {
+            failures.push(format!("GET / answered {status} {body} while the guest ran"));
+        }
+    }
+    if !finished && failures.is_empty() {
+        failures.push("the guest did not reach its final line in time".to_string());
+    }
+    if vmm.is_running() {
+        let (status, body) = vmm.get("/");
+        if status != 200 || !body.contains("Running") {
+            failures.push(format!(
+                "after the guest finished, GET / answered {status} {body}"
+            ));
+        }
+    } else {
+        failures.push(format!(
+            "kiln-vmm is not running after the guest finished: {:?}",
+            vmm.try_wait()
+        ));
+    }
+    failures
+}
