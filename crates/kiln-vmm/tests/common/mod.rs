@@ -682,7 +682,9 @@ pub fn watch_liveness(
         }
         let (status, body) = vmm.get("/");
         if status != 200 {
-            failures.push(format!("GET / answered {status} {body} while the guest ran"));
+            failures.push(format!(
+                "GET / answered {status} {body} while the guest ran"
+            ));
         }
     }
     if !finished && failures.is_empty() {
