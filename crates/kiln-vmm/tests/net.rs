@@ -998,8 +998,8 @@ fn hostile_chains_leave_the_vmm_up_and_later_frames_flow() {
         assert_eq!(line_num(l, "used"), 1, "{l}");
         assert_eq!(line_num(l, "needs-reset"), 0, "{l}");
     }
-    // Some malformed chains still make a frame (a chain cut at a bad `next`, a loop read up
-    // to the queue size, the largest frame): list what reached the tap before the good one.
+    // Some malformed chains still make a frame (a chain cut at a bad `next`, the largest
+    // frame; a descriptor loop is refused): list what reached the tap before the good one.
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut before_good = Vec::new();
     loop {

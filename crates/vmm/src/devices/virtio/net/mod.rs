@@ -26,6 +26,8 @@ use crate::rate_limiter::RateLimiter;
 pub const TYPE_NET: u32 = 1;
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
+/// Most descriptors a transmitted frame may use.
+const MAX_TX_DESCRIPTORS: usize = 64;
 /// Largest frame with its header: 64 KiB of TSO payload plus headers.
 pub const MAX_FRAME: usize = 65562;
 
@@ -204,10 +206,16 @@ impl Net {
             let Some(chain) = next else { break };
             let head = chain.head_index();
             frame.clear();
+            // A frame needs a handful of descriptors (Linux uses at most 19); a chain as long as
+            // the ring is a descriptor loop, not a frame.
+            let too_long = chain.clone().nth(MAX_TX_DESCRIPTORS).is_some();
             let read = chain
                 .reader(memory)
                 .map_err(|e| e.to_string())
                 .and_then(|mut reader| {
+                    if too_long {
+                        return Err(format!("more than {MAX_TX_DESCRIPTORS} descriptors"));
+                    }
                     if reader.available_bytes() > MAX_FRAME {
                         return Err("frame larger than 64 KiB".into());
                     }
