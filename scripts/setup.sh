@@ -11,6 +11,8 @@ packages=(
     socat
     iproute2              # network namespaces and taps for the virtio-net tests
     docker-registry apache2-utils  # a real OCI registry (htpasswd -B for its auth) for kiln-image's tests
+    openssl               # keys and signed tokens for the registry's bearer-token auth test
+    skopeo umoci          # the baseline of bench/images.py
 )
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup.sh: run as root (apt-get install)" >&2
