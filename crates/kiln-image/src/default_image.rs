@@ -84,8 +84,9 @@ fn applets(busybox: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
-/// Builds the default image's layer and config from a static busybox binary.
-pub(crate) fn build(busybox: &Path) -> Result<crate::oci::BuiltImage> {
+/// Builds the default image's layer and config from a static busybox binary (also the base
+/// layer other test images build on).
+pub fn build(busybox: &Path) -> Result<crate::oci::BuiltImage> {
     let data = std::fs::read(busybox).map_err(|e| {
         Error::Other(format!(
             "cannot read {} to build the default image ({e}); install Debian's busybox-static \

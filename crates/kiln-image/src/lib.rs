@@ -32,7 +32,7 @@ pub mod store;
 use std::path::PathBuf;
 
 pub use auth::{login, logout, prompt_password, Credentials};
-pub use default_image::{DEFAULT_IMAGE, DEFAULT_IMAGE_ALIAS};
+pub use default_image::{build as build_default_image, DEFAULT_IMAGE, DEFAULT_IMAGE_ALIAS};
 pub use error::{Error, Result};
 pub use import::ImportOptions;
 pub use progress::{human_size, ProgressMode};

@@ -270,6 +270,12 @@ impl ImageBuilder {
         self
     }
 
+    /// Sets `config.User`.
+    pub fn user(mut self, user: &str) -> Self {
+        self.container.insert("User".into(), json!(user));
+        self
+    }
+
     /// Sets the architecture (default `amd64`).
     pub fn architecture(mut self, arch: &str) -> Self {
         self.architecture = arch.to_string();

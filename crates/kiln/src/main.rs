@@ -1,6 +1,7 @@
 //! kiln: run OCI images as KVM microVMs with a container's ease of use.
 
 mod cmd;
+mod term;
 
 use clap::{Parser, Subcommand};
 
@@ -13,6 +14,30 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Boot an image as a microVM and run its command, like `docker run`.
+    Run(cmd::vm::RunArgs),
+    /// Create a VM without starting it.
+    Create(cmd::vm::CreateArgs),
+    /// Start created or stopped VMs.
+    Start(cmd::vm::StartArgs),
+    /// Stop VMs: SIGTERM to the main process, SIGKILL after a timeout, power off.
+    Stop(cmd::vm::StopArgs),
+    /// Send a signal to VMs' main processes.
+    Kill(cmd::vm::KillArgs),
+    /// Remove VMs and everything they own (disk, logs, sockets).
+    Rm(cmd::vm::RmArgs),
+    /// List VMs.
+    Ps(cmd::vm::PsArgs),
+    /// Show a VM's output (or, with --console, its serial console).
+    Logs(cmd::vm::LogsArgs),
+    /// Run a command in a running VM.
+    Exec(cmd::vm::ExecArgs),
+    /// Attach to a running VM's serial console.
+    Attach(cmd::vm::AttachArgs),
+    /// Copy files between a VM and the host (VM:PATH on one side).
+    Cp(cmd::vm::CpArgs),
+    /// Show VMs as JSON.
+    Inspect(cmd::vm::InspectArgs),
     /// Pull, import, list and remove OCI images.
     #[command(subcommand)]
     Image(cmd::image::ImageCommand),
@@ -21,20 +46,76 @@ enum Command {
     Kernel(cmd::kernel::KernelCommand),
     /// Log in to a registry; pulls then use the credentials.
     Login(cmd::login::LoginArgs),
+    /// Housekeeping.
+    #[command(subcommand)]
+    System(SystemCommand),
+    /// Internal: the per-VM supervisor.
+    #[command(name = "__supervise", hide = true)]
+    Supervise(cmd::vm::SuperviseArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum SystemCommand {
+    /// Remove all stopped VMs and leftovers of dead ones.
+    Prune,
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Supervise(_)) {
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .try_init();
+    }
+    let unit = |r: anyhow::Result<()>| r.map(|()| 0u8);
+    let vm_command = matches!(
+        cli.command,
+        Command::Run(_)
+            | Command::Create(_)
+            | Command::Start(_)
+            | Command::Exec(_)
+            | Command::Stop(_)
+            | Command::Kill(_)
+            | Command::Rm(_)
+            | Command::Ps(_)
+            | Command::Logs(_)
+            | Command::Attach(_)
+            | Command::Cp(_)
+            | Command::Inspect(_)
+            | Command::System(_)
+            | Command::Supervise(_)
+    );
     let result = match cli.command {
-        Command::Image(command) => cmd::image::run(command),
-        Command::Kernel(command) => cmd::kernel::run(command),
-        Command::Login(args) => cmd::login::run(args),
+        Command::Run(args) => cmd::vm::run(args),
+        Command::Create(args) => cmd::vm::create(args),
+        Command::Start(args) => cmd::vm::start(args),
+        Command::Stop(args) => cmd::vm::stop(args),
+        Command::Kill(args) => cmd::vm::kill(args),
+        Command::Rm(args) => cmd::vm::rm(args),
+        Command::Ps(args) => cmd::vm::ps(args),
+        Command::Logs(args) => cmd::vm::logs(args),
+        Command::Exec(args) => cmd::vm::exec(args),
+        Command::Attach(args) => cmd::vm::attach(args),
+        Command::Cp(args) => cmd::vm::cp(args),
+        Command::Inspect(args) => cmd::vm::inspect(args),
+        Command::System(SystemCommand::Prune) => cmd::vm::prune(),
+        Command::Supervise(args) => cmd::vm::supervise(args),
+        Command::Image(command) => unit(cmd::image::run(command)),
+        Command::Kernel(command) => unit(cmd::kernel::run(command)),
+        Command::Login(args) => unit(cmd::login::run(args)),
     };
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
             eprintln!("kiln: {e:#}");
-            std::process::ExitCode::FAILURE
+            // Docker's convention: 125 when kiln itself failed, so it is not mistaken for the
+            // exit code of the process in the VM.
+            std::process::ExitCode::from(if vm_command {
+                cmd::vm::EXIT_KILN_ERROR
+            } else {
+                1
+            })
         }
     }
 }

@@ -3,3 +3,4 @@
 pub mod image;
 pub mod kernel;
 pub mod login;
+pub mod vm;

@@ -1,0 +1,1008 @@
+//! The VM commands: `run`, `create`, `start`, `stop`, `kill`, `rm`, `ps`, `logs`, `exec`,
+//! `attach`, `cp`, `inspect`, `system prune`, and the hidden `__supervise` the supervisor
+//! runs as.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use kiln_engine::backend::{choose_backend, BackendChoice, NetworkMode};
+use kiln_engine::client::{Session, SessionEnd};
+use kiln_engine::control::{log_tag, parse_output_log};
+use kiln_engine::state::{VmRecord, VmStatus};
+use kiln_engine::vm::{CreateOptions, Engine, VmPaths};
+use kiln_image::{PullOptions, ProgressMode};
+
+use crate::cmd::image::parse_size;
+use crate::term;
+
+/// Exit code for failures of kiln itself (Docker's convention).
+pub const EXIT_KILN_ERROR: u8 = 125;
+
+/// Options shared by `run` and `create`.
+#[derive(Args, Debug, Clone)]
+pub struct CreateArgs {
+    /// Name of the VM (unique; default: a generated one).
+    #[arg(long)]
+    name: Option<String>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    cpus: u32,
+    /// Guest memory (K, M, G suffixes).
+    #[arg(short = 'm', long, default_value = "512M", value_name = "SIZE")]
+    memory: String,
+    /// Root disk size (default: the image's filesystem plus 1G).
+    #[arg(long, value_name = "SIZE")]
+    size: Option<String>,
+    /// Kernel from `kiln kernel ls` (default: the default kernel).
+    #[arg(long)]
+    kernel: Option<String>,
+    /// Set an environment variable (KEY=VALUE, or KEY to pass kiln's own value).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Read environment variables from a file (KEY=VALUE lines, # comments).
+    #[arg(long = "env-file", value_name = "FILE")]
+    env_file: Vec<PathBuf>,
+    /// Working directory inside the VM.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    workdir: Option<String>,
+    /// User inside the VM (name, uid, name:group or uid:gid).
+    #[arg(short = 'u', long)]
+    user: Option<String>,
+    /// Replace the image's entrypoint ("" clears it).
+    #[arg(long)]
+    entrypoint: Option<String>,
+    /// Keep stdin open.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Allocate a pseudo-terminal.
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Remove the VM when it stops.
+    #[arg(long)]
+    rm: bool,
+    /// Hypervisor: auto, vmm (kiln-vmm, needs vmx/svm) or qemu.
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// Network: user (outbound NAT, default) or none.
+    #[arg(long, default_value = "user")]
+    network: String,
+    /// Registries to reach over plain HTTP when pulling.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    insecure_registries: Vec<String>,
+    /// Image to boot.
+    image: String,
+    /// Command and arguments (default: the image's Cmd).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+/// `kiln run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Run in the background and print the VM's ID.
+    #[arg(short = 'd', long)]
+    detach: bool,
+    #[command(flatten)]
+    create: CreateArgs,
+}
+
+/// `kiln start`.
+#[derive(Args, Debug)]
+pub struct StartArgs {
+    /// Attach to the main process's output and return its exit code.
+    #[arg(short = 'a', long)]
+    attach: bool,
+    /// VMs (ID, ID prefix or name).
+    #[arg(required = true)]
+    vms: Vec<String>,
+}
+
+/// `kiln stop`.
+#[derive(Args, Debug)]
+pub struct StopArgs {
+    /// Seconds to wait after SIGTERM before SIGKILL.
+    #[arg(short = 't', long = "time", default_value_t = 10)]
+    time: u64,
+    /// VMs.
+    #[arg(required = true)]
+    vms: Vec<String>,
+}
+
+/// `kiln kill`.
+#[derive(Args, Debug)]
+pub struct KillArgs {
+    /// Signal (name like TERM or SIGTERM, or number).
+    #[arg(short = 's', long, default_value = "KILL")]
+    signal: String,
+    /// VMs.
+    #[arg(required = true)]
+    vms: Vec<String>,
+}
+
+/// `kiln rm`.
+#[derive(Args, Debug)]
+pub struct RmArgs {
+    /// Kill and remove running VMs too.
+    #[arg(short = 'f', long)]
+    force: bool,
+    /// VMs.
+    #[arg(required = true)]
+    vms: Vec<String>,
+}
+
+/// `kiln ps`.
+#[derive(Args, Debug)]
+pub struct PsArgs {
+    /// Show stopped VMs too.
+    #[arg(short = 'a', long)]
+    all: bool,
+    /// Only IDs.
+    #[arg(short = 'q', long)]
+    quiet: bool,
+    /// table or json.
+    #[arg(long, default_value = "table")]
+    format: String,
+}
+
+/// `kiln logs`.
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    /// Keep following new output until the VM stops.
+    #[arg(short = 'f', long)]
+    follow: bool,
+    /// Show the serial console (kernel and init messages) instead of the process's output.
+    #[arg(long)]
+    console: bool,
+    /// VM.
+    vm: String,
+}
+
+/// `kiln exec`.
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    /// Keep stdin open.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Allocate a pseudo-terminal.
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Set an environment variable.
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory.
+    #[arg(short = 'w', long = "workdir")]
+    workdir: Option<String>,
+    /// User.
+    #[arg(short = 'u', long)]
+    user: Option<String>,
+    /// VM.
+    vm: String,
+    /// Command and arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+/// `kiln attach`.
+#[derive(Args, Debug)]
+pub struct AttachArgs {
+    /// VM.
+    vm: String,
+}
+
+/// `kiln cp`.
+#[derive(Args, Debug)]
+pub struct CpArgs {
+    /// Source: VM:PATH or a host path.
+    src: String,
+    /// Destination: VM:PATH or a host path.
+    dst: String,
+}
+
+/// `kiln inspect`.
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// VMs.
+    #[arg(required = true)]
+    vms: Vec<String>,
+}
+
+/// `kiln __supervise` (internal).
+#[derive(Args, Debug)]
+pub struct SuperviseArgs {
+    /// VM ID.
+    id: String,
+    /// Hold the main process until a client attaches.
+    #[arg(long)]
+    wait_attach: bool,
+}
+
+fn engine() -> anyhow::Result<Engine> {
+    let root = kiln_image::root();
+    Engine::open(&root).with_context(|| format!("opening kiln's state in {}", root.display()))
+}
+
+fn parse_env_file(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading env file {}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect())
+}
+
+fn create_options(args: &CreateArgs) -> anyhow::Result<CreateOptions> {
+    let memory = parse_size(&args.memory).map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
+    let memory_mib = memory / (1 << 20);
+    if memory_mib < 64 {
+        bail!(
+            "--memory {} is too small: a Linux guest needs at least 64M (for example --memory 512M)",
+            args.memory
+        );
+    }
+    let memory_mib = u32::try_from(memory_mib)
+        .map_err(|_| anyhow::anyhow!("--memory {} is too large", args.memory))?;
+    let disk_size = match &args.size {
+        Some(size) => parse_size(size).map_err(|e| anyhow::anyhow!("--size: {e}"))?,
+        None => 0,
+    };
+    let choice: BackendChoice = args.backend.parse()?;
+    let (backend, reason) = choose_backend(choice);
+    let network = match args.network.as_str() {
+        "user" | "default" => NetworkMode::User,
+        "none" => NetworkMode::None,
+        other => bail!("unknown --network {other:?}: use user or none"),
+    };
+    let mut env = Vec::new();
+    for file in &args.env_file {
+        env.extend(parse_env_file(file)?);
+    }
+    env.extend(args.env.iter().cloned());
+    let window = if args.tty {
+        term::window_size(0).or(Some((24, 80)))
+    } else {
+        None
+    };
+    Ok(CreateOptions {
+        image: args.image.clone(),
+        name: args.name.clone(),
+        command: args.command.clone(),
+        entrypoint: args.entrypoint.clone(),
+        env,
+        workdir: args.workdir.clone(),
+        user: args.user.clone(),
+        vcpus: args.cpus,
+        memory_mib,
+        disk_size,
+        kernel: args.kernel.clone(),
+        backend,
+        backend_reason: reason,
+        network,
+        auto_remove: args.rm,
+        stdin: args.interactive,
+        tty: args.tty,
+        window,
+        pull: PullOptions {
+            insecure_registries: args.insecure_registries.clone(),
+            progress: ProgressMode::Auto,
+            ..PullOptions::default()
+        },
+    })
+}
+
+fn announce_backend(options: &CreateOptions, choice: &str) {
+    if choice == "auto" {
+        eprintln!("kiln: backend {}", options.backend_reason);
+    }
+}
+
+/// `kiln run`: create, start, attach; the exit code is the main process's.
+pub fn run(args: RunArgs) -> anyhow::Result<u8> {
+    let options = create_options(&args.create)?;
+    if args.detach && (args.create.interactive || args.create.tty) && args.create.rm {
+        // Allowed by Docker too; nothing special.
+    }
+    if args.create.tty && !args.detach && !term::is_tty(0) {
+        bail!("the input device is not a TTY: drop -t, or run kiln from a terminal");
+    }
+    let engine = engine()?;
+    announce_backend(&options, &args.create.backend);
+    let record = engine.create(&options)?;
+    if args.detach {
+        engine.start(&record, false)?;
+        println!("{}", record.id);
+        return Ok(0);
+    }
+    start_attached(&engine, &record, options.stdin, options.tty)
+}
+
+/// `kiln create`: prints the new VM's ID.
+pub fn create(args: CreateArgs) -> anyhow::Result<u8> {
+    let options = create_options(&args)?;
+    let engine = engine()?;
+    announce_backend(&options, &args.backend);
+    let record = engine.create(&options)?;
+    println!("{}", record.id);
+    Ok(0)
+}
+
+/// Starts `record` with the main process held until we attach, then follows it.
+fn start_attached(engine: &Engine, record: &VmRecord, stdin: bool, tty: bool) -> anyhow::Result<u8> {
+    let record = engine.start(record, true)?;
+    let paths = VmPaths::new(&record.dir);
+    // Opened now: the supervisor may remove the directory (--rm) before we wait on it.
+    let lock = std::fs::File::open(&paths.lock).ok();
+    let session = Session::attach(&paths, stdin)?;
+    let end = follow(session, stdin, tty)?;
+    // Wait until the supervisor has recorded the end (and removed the VM for --rm).
+    if let Some(lock) = lock {
+        let _ = rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockShared);
+    }
+    report_end(&end)
+}
+
+fn report_end(end: &SessionEnd) -> anyhow::Result<u8> {
+    if let SessionEnd::Failed { message, code } = end {
+        eprintln!("kiln: {message}");
+        return Ok(u8::try_from(*code).unwrap_or(EXIT_KILN_ERROR));
+    }
+    Ok(u8::try_from(end.code()).unwrap_or(EXIT_KILN_ERROR))
+}
+
+/// Runs a session in the foreground: stdin forwarded (with `stdin`), the terminal in raw mode
+/// and resizes forwarded (with `tty`), Ctrl-C and SIGTERM forwarded as signals (without
+/// `tty`; with one, Ctrl-C is a byte for the guest's terminal).
+fn follow(mut session: Session, stdin: bool, tty: bool) -> anyhow::Result<SessionEnd> {
+    let signals = term::block_signals(&[
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGWINCH,
+    ]);
+    let mut input = session.input()?;
+    let mut signal_input = input.try_clone()?;
+    std::thread::spawn(move || loop {
+        let signal = term::wait_signal(&signals);
+        let sent = if signal == libc::SIGWINCH {
+            match term::window_size(0) {
+                Some((rows, cols)) => signal_input.resize(rows, cols),
+                None => Ok(()),
+            }
+        } else {
+            signal_input.signal(signal)
+        };
+        if sent.is_err() {
+            break;
+        }
+    });
+    let raw = if tty { term::RawMode::enable(0) } else { None };
+    if tty {
+        if let Some((rows, cols)) = term::window_size(0) {
+            let _ = input.resize(rows, cols);
+        }
+    }
+    if stdin {
+        std::thread::spawn(move || {
+            let stdin = std::io::stdin();
+            let mut lock = stdin.lock();
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match lock.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if input.stdin(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                }
+            }
+            let _ = input.close_stdin();
+        });
+    }
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    let end = session.wait(&mut stdout.lock(), &mut stderr.lock())?;
+    drop(raw);
+    Ok(end)
+}
+
+/// `kiln start`.
+pub fn start(args: StartArgs) -> anyhow::Result<u8> {
+    let engine = engine()?;
+    if args.attach {
+        if args.vms.len() != 1 {
+            bail!("start -a takes exactly one VM");
+        }
+        let record = engine.get(&args.vms[0])?;
+        let spec: kiln_engine::vm::VmSpec = serde_json::from_value(record.spec.clone())
+            .context("reading the VM's stored spec")?;
+        return start_attached(&engine, &record, spec.process.stdin, spec.process.tty);
+    }
+    let mut failed = false;
+    for vm in &args.vms {
+        match engine.get(vm).and_then(|r| engine.start(&r, false)) {
+            Ok(_) => println!("{vm}"),
+            Err(e) => {
+                eprintln!("kiln: {vm}: {e}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+/// `kiln stop`.
+pub fn stop(args: StopArgs) -> anyhow::Result<u8> {
+    let engine = engine()?;
+    let mut failed = false;
+    for vm in &args.vms {
+        match engine
+            .get(vm)
+            .and_then(|r| engine.stop(&r, Duration::from_secs(args.time)))
+        {
+            Ok(()) => println!("{vm}"),
+            Err(e) => {
+                eprintln!("kiln: {vm}: {e}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+/// Parses a signal name (`TERM`, `SIGTERM`) or number.
+pub fn parse_signal(text: &str) -> anyhow::Result<i32> {
+    if let Ok(n) = text.parse::<i32>() {
+        if (1..=64).contains(&n) {
+            return Ok(n);
+        }
+        bail!("signal {n} is out of range (1-64)");
+    }
+    let name = text.to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    let signal = match name {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "TERM" => libc::SIGTERM,
+        "STOP" => libc::SIGSTOP,
+        "CONT" => libc::SIGCONT,
+        "WINCH" => libc::SIGWINCH,
+        "ALRM" => libc::SIGALRM,
+        _ => bail!("unknown signal {text:?}: use a name like TERM or a number"),
+    };
+    Ok(signal)
+}
+
+/// `kiln kill`.
+pub fn kill(args: KillArgs) -> anyhow::Result<u8> {
+    let signal = parse_signal(&args.signal)?;
+    let engine = engine()?;
+    let mut failed = false;
+    for vm in &args.vms {
+        match engine.get(vm).and_then(|r| engine.kill(&r, signal)) {
+            Ok(()) => println!("{vm}"),
+            Err(e) => {
+                eprintln!("kiln: {vm}: {e}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+/// `kiln rm`.
+pub fn rm(args: RmArgs) -> anyhow::Result<u8> {
+    let engine = engine()?;
+    let mut failed = false;
+    for vm in &args.vms {
+        match engine.get(vm).and_then(|r| engine.remove(&r, args.force)) {
+            Ok(()) => println!("{vm}"),
+            Err(e) => {
+                eprintln!("kiln: {vm}: {e}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+fn ago(ms: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let secs = now.saturating_sub(ms) / 1000;
+    match secs {
+        0..=1 => "just now".into(),
+        2..=59 => format!("{secs} seconds ago"),
+        60..=3599 => format!("{} minutes ago", secs / 60),
+        3600..=86399 => format!("{} hours ago", secs / 3600),
+        _ => format!("{} days ago", secs / 86400),
+    }
+}
+
+fn status_text(record: &VmRecord) -> String {
+    match record.status {
+        VmStatus::Exited => match (record.exit_code, &record.status_reason) {
+            (Some(code), _) => format!(
+                "Exited ({code}) {}",
+                record.finished_at.map(ago).unwrap_or_default()
+            ),
+            (None, Some(reason)) => format!("Exited: {reason}"),
+            (None, None) => "Exited".into(),
+        },
+        VmStatus::Running => format!(
+            "Up since {}",
+            record.started_at.map(ago).unwrap_or_default()
+        ),
+        other => {
+            let text = other.to_string();
+            let mut chars = text.chars();
+            match chars.next() {
+                Some(first) => first.to_uppercase().chain(chars).collect(),
+                None => text,
+            }
+        }
+    }
+}
+
+fn command_text(record: &VmRecord) -> String {
+    let args: Vec<String> = record
+        .spec
+        .get("process")
+        .and_then(|p| p.get("args"))
+        .and_then(|a| a.as_array())
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        .unwrap_or_default();
+    let text = args.join(" ");
+    if text.chars().count() > 24 {
+        format!("\"{}…\"", text.chars().take(22).collect::<String>())
+    } else {
+        format!("\"{text}\"")
+    }
+}
+
+/// `kiln ps`.
+pub fn ps(args: PsArgs) -> anyhow::Result<u8> {
+    let engine = engine()?;
+    let records = engine.list(args.all)?;
+    if args.quiet {
+        for r in &records {
+            println!("{}", r.short_id());
+        }
+        return Ok(0);
+    }
+    match args.format.as_str() {
+        "json" => {
+            let list: Vec<serde_json::Value> = records.iter().map(VmRecord::to_json).collect();
+            println!("{}", serde_json::to_string_pretty(&list)?);
+        }
+        "table" => {
+            let rows: Vec<[String; 7]> = records
+                .iter()
+                .map(|r| {
+                    [
+                        r.short_id().to_string(),
+                        r.image.clone(),
+                        command_text(r),
+                        ago(r.created_at),
+                        status_text(r),
+                        r.backend.clone(),
+                        r.name.clone(),
+                    ]
+                })
+                .collect();
+            let header = [
+                "VM ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "BACKEND", "NAME",
+            ];
+            let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+            for row in &rows {
+                for (w, cell) in widths.iter_mut().zip(row.iter()) {
+                    *w = (*w).max(cell.chars().count());
+                }
+            }
+            let line = |cells: Vec<&str>| {
+                let mut out = String::new();
+                for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+                    if i + 1 == cells.len() {
+                        out.push_str(cell);
+                    } else {
+                        out.push_str(&format!("{cell:<w$}   ", w = *w));
+                    }
+                }
+                out
+            };
+            println!("{}", line(header.to_vec()));
+            for row in &rows {
+                println!("{}", line(row.iter().map(String::as_str).collect()));
+            }
+        }
+        other => bail!("unknown --format {other:?}: use table or json"),
+    }
+    Ok(0)
+}
+
+/// `kiln logs`.
+pub fn logs(args: LogsArgs) -> anyhow::Result<u8> {
+    let engine = engine()?;
+    let record = engine.get(&args.vm)?;
+    let paths = VmPaths::new(&record.dir);
+    let path = if args.console {
+        paths.console.clone()
+    } else {
+        paths.output.clone()
+    };
+    let mut file = match std::fs::File::open(&path) {
+        Ok(f) => Some(f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+    };
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let mut progressed = false;
+        if let Some(f) = file.as_mut() {
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                progressed = true;
+                if args.console {
+                    stdout.lock().write_all(&buf[..n])?;
+                } else {
+                    pending.extend_from_slice(&buf[..n]);
+                    let used = parse_output_log(&pending, |tag, data| {
+                        let _ = if tag == log_tag::STDERR {
+                            stderr.lock().write_all(data)
+                        } else {
+                            stdout.lock().write_all(data)
+                        };
+                    });
+                    pending.drain(..used);
+                }
+            }
+            stdout.lock().flush()?;
+        } else if args.follow {
+            file = std::fs::File::open(&path).ok();
+        }
+        if !args.follow {
+            break;
+        }
+        if !progressed {
+            let fresh = engine.get(&record.id);
+            let running = matches!(
+                fresh.as_ref().map(|r| r.status),
+                Ok(VmStatus::Running | VmStatus::Starting | VmStatus::Stopping)
+            );
+            if !running {
+                // One last read for output written just before the end.
+                if let Some(f) = file.as_mut() {
+                    let mut rest = Vec::new();
+                    f.read_to_end(&mut rest)?;
+                    if args.console {
+                        stdout.lock().write_all(&rest)?;
+                    } else {
+                        pending.extend_from_slice(&rest);
+                        parse_output_log(&pending, |tag, data| {
+                            let _ = if tag == log_tag::STDERR {
+                                stderr.lock().write_all(data)
+                            } else {
+                                stdout.lock().write_all(data)
+                            };
+                        });
+                    }
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(0)
+}
+
+/// `kiln exec`: the exit code is the process's.
+pub fn exec(args: ExecArgs) -> anyhow::Result<u8> {
+    if args.tty && !term::is_tty(0) {
+        bail!("the input device is not a TTY: drop -t, or run kiln from a terminal");
+    }
+    let engine = engine()?;
+    let record = engine.get(&args.vm)?;
+    if record.status != VmStatus::Running {
+        bail!(
+            "VM {} is not running ({}): start it with `kiln start {}`",
+            record.name,
+            record.status,
+            record.name
+        );
+    }
+    let spec: kiln_engine::vm::VmSpec =
+        serde_json::from_value(record.spec.clone()).context("reading the VM's stored spec")?;
+    let mut env = spec.process.env.clone();
+    for entry in &args.env {
+        let entry = if entry.contains('=') {
+            entry.clone()
+        } else {
+            match std::env::var(entry) {
+                Ok(value) => format!("{entry}={value}"),
+                Err(_) => continue,
+            }
+        };
+        let key = entry.split('=').next().unwrap_or("").to_string();
+        env.retain(|e| e.split('=').next() != Some(key.as_str()));
+        env.push(entry);
+    }
+    let process = kiln_agent_protocol::ProcessSpec {
+        args: args.command.clone(),
+        env,
+        cwd: args.workdir.clone().or(spec.process.cwd.clone()),
+        user: args.user.clone().or(spec.process.user.clone()),
+        tty: args.tty,
+        window: if args.tty { term::window_size(0) } else { None },
+        stdin: args.interactive,
+        main: false,
+    };
+    let paths = VmPaths::new(&record.dir);
+    let session = Session::exec(&paths, process)?;
+    let end = follow(session, args.interactive, args.tty)?;
+    report_end(&end)
+}
+
+/// `kiln attach`: the serial console; Ctrl-] detaches.
+pub fn attach(args: AttachArgs) -> anyhow::Result<u8> {
+    let engine = engine()?;
+    let record = engine.get(&args.vm)?;
+    if record.status != VmStatus::Running && record.status != VmStatus::Starting {
+        bail!("VM {} is not running ({})", record.name, record.status);
+    }
+    let paths = VmPaths::new(&record.dir);
+    let mut session = Session::console(&paths)?;
+    let mut input = session.input()?;
+    let raw = term::RawMode::enable(0);
+    if raw.is_some() {
+        eprint!("kiln: attached to the console of {}; Ctrl-] detaches\r\n", record.name);
+    }
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1024];
+        let stdin = std::io::stdin();
+        let mut lock = stdin.lock();
+        loop {
+            match lock.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if let Some(at) = buf[..n].iter().position(|&b| b == 0x1d) {
+                        let _ = input.stdin(&buf[..at]);
+                        break;
+                    }
+                    if input.stdin(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        // Detach: end the process (restoring the terminal happens in Drop on the main thread,
+        // so signal it by closing our side).
+        let _ = input.close_stdin();
+        std::process::exit(0);
+    });
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    let _ = session.wait(&mut stdout.lock(), &mut stderr.lock());
+    drop(raw);
+    Ok(0)
+}
+
+/// `kiln inspect`.
+pub fn inspect(args: InspectArgs) -> anyhow::Result<u8> {
+    let engine = engine()?;
+    let mut out = Vec::new();
+    for vm in &args.vms {
+        out.push(engine.get(vm)?.to_json());
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(0)
+}
+
+/// `kiln system prune`.
+pub fn prune() -> anyhow::Result<u8> {
+    let engine = engine()?;
+    for id in engine.prune()? {
+        println!("removed {id}");
+    }
+    Ok(0)
+}
+
+/// `kiln __supervise`.
+pub fn supervise(args: SuperviseArgs) -> anyhow::Result<u8> {
+    let root = kiln_image::root();
+    kiln_engine::supervisor::run(&root, &args.id, args.wait_attach)?;
+    Ok(0)
+}
+
+/// Whether `arg` names a VM path (`VM:PATH`).
+fn split_vm_path(arg: &str) -> Option<(&str, &str)> {
+    let (vm, path) = arg.split_once(':')?;
+    if vm.is_empty() || vm.contains('/') {
+        return None;
+    }
+    Some((vm, path))
+}
+
+/// `kiln cp`: a file or directory between the host and a running VM, in either direction,
+/// with Docker's rules: into an existing directory, or to a new name.
+pub fn cp(args: CpArgs) -> anyhow::Result<u8> {
+    let engine = engine()?;
+    match (split_vm_path(&args.src), split_vm_path(&args.dst)) {
+        (Some((vm, path)), None) => {
+            let record = running(&engine, vm)?;
+            copy_out(&VmPaths::new(&record.dir), path, Path::new(&args.dst))
+        }
+        (None, Some((vm, path))) => {
+            let record = running(&engine, vm)?;
+            copy_in(&VmPaths::new(&record.dir), Path::new(&args.src), path)
+        }
+        (Some(_), Some(_)) => bail!("copying between two VMs is not supported: copy through the host"),
+        (None, None) => bail!("one of source and destination must be VM:PATH"),
+    }
+}
+
+fn running(engine: &Engine, vm: &str) -> anyhow::Result<VmRecord> {
+    let record = engine.get(vm)?;
+    if record.status != VmStatus::Running {
+        bail!("VM {} is not running ({})", record.name, record.status);
+    }
+    Ok(record)
+}
+
+fn base_name(path: &str) -> anyhow::Result<String> {
+    Path::new(path)
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .ok_or_else(|| anyhow::anyhow!("{path:?} has no file name to copy"))
+}
+
+fn copy_out(paths: &VmPaths, guest_path: &str, dest: &Path) -> anyhow::Result<u8> {
+    if !guest_path.starts_with('/') {
+        bail!("the VM path {guest_path:?} must be absolute");
+    }
+    let name = base_name(guest_path)?;
+    // Where the entry lands: into an existing directory, or as `dest` itself.
+    let (parent, final_path) = if dest.is_dir() {
+        (dest.to_path_buf(), dest.join(&name))
+    } else {
+        let parent = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if !parent.is_dir() {
+            bail!("destination directory {} does not exist", parent.display());
+        }
+        (parent, dest.to_path_buf())
+    };
+    let mut session = Session::copy_out(paths, guest_path)?;
+    if let Some(end) = session.wait_started()? {
+        return report_end(&end);
+    }
+    let staging = tempfile::Builder::new()
+        .prefix(".kiln-cp-")
+        .tempdir_in(&parent)
+        .with_context(|| format!("creating a staging directory in {}", parent.display()))?;
+    let (reader, mut writer) = std::io::pipe().context("creating a pipe")?;
+    let staging_path = staging.path().to_path_buf();
+    let unpacker = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut archive = tar::Archive::new(reader);
+        archive.set_preserve_permissions(true);
+        archive.set_overwrite(true);
+        // unpack() refuses entries that would land outside the staging directory.
+        archive.unpack(&staging_path)
+    });
+    let mut stderr = std::io::stderr();
+    let end = session.wait(&mut writer, &mut stderr)?;
+    drop(writer);
+    let unpacked = unpacker
+        .join()
+        .map_err(|_| anyhow::anyhow!("the unpacking thread panicked"))?;
+    if end.code() != 0 {
+        return report_end(&end);
+    }
+    unpacked.context("unpacking the archive from the VM")?;
+    let staged = staging.path().join(&name);
+    if final_path.is_dir() && !staged.is_dir() {
+        bail!(
+            "cannot overwrite directory {} with a file",
+            final_path.display()
+        );
+    }
+    if final_path.is_dir() {
+        merge_dir(&staged, &final_path)?;
+    } else {
+        std::fs::rename(&staged, &final_path)
+            .with_context(|| format!("moving into place {}", final_path.display()))?;
+    }
+    Ok(0)
+}
+
+/// Moves the contents of `src` into the existing directory `dst`, recursively.
+fn merge_dir(src: &Path, dst: &Path) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(src)? {
+        let entry = entry?;
+        let target = dst.join(entry.file_name());
+        if entry.file_type()?.is_dir() && target.is_dir() {
+            merge_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::rename(entry.path(), &target)
+                .with_context(|| format!("moving into place {}", target.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn copy_in(paths: &VmPaths, src: &Path, guest_path: &str) -> anyhow::Result<u8> {
+    if !guest_path.starts_with('/') {
+        bail!("the VM path {guest_path:?} must be absolute");
+    }
+    let meta = std::fs::symlink_metadata(src)
+        .with_context(|| format!("source {}", src.display()))?;
+    let src_name = src
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .ok_or_else(|| anyhow::anyhow!("{} has no file name to copy", src.display()))?;
+    // Into the directory `guest_path` if it is one, else as `guest_path` in its parent.
+    let mut session = Session::copy_in(paths, guest_path)?;
+    let (mut session, name) = match session.wait_started()? {
+        None => (session, src_name),
+        Some(_) => {
+            let parent = Path::new(guest_path)
+                .parent()
+                .map(|p| p.to_string_lossy().to_string())
+                .unwrap_or_else(|| "/".into());
+            let mut retry = Session::copy_in(paths, &parent)?;
+            if let Some(end) = retry.wait_started()? {
+                return report_end(&end);
+            }
+            (retry, base_name(guest_path)?)
+        }
+    };
+    let mut input = session.input()?;
+    let src = src.to_path_buf();
+    let is_dir = meta.is_dir();
+    let sender = std::thread::spawn(move || -> anyhow::Result<()> {
+        let (reader, writer) = std::io::pipe()?;
+        let builder = std::thread::spawn(move || -> std::io::Result<()> {
+            let mut builder = tar::Builder::new(writer);
+            builder.follow_symlinks(false);
+            if is_dir {
+                builder.append_dir_all(&name, &src)?;
+            } else {
+                builder.append_path_with_name(&src, &name)?;
+            }
+            builder.finish()
+        });
+        input.pump(reader)?;
+        builder
+            .join()
+            .map_err(|_| anyhow::anyhow!("the archiving thread panicked"))??;
+        Ok(())
+    });
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    let end = session.wait(&mut stdout.lock(), &mut stderr.lock())?;
+    if let Ok(Err(e)) = sender.join() {
+        if end.code() == 0 {
+            return Err(e.context("sending the archive"));
+        }
+    }
+    report_end(&end)
+}

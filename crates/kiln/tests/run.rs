@@ -1,0 +1,674 @@
+//! `kiln run` end to end: the real `kiln` binary boots Debian's cloud kernel with kiln-init
+//! under QEMU (TCG on hosts without vmx/svm, which is how CI runs) from the offline default
+//! image and from an image pulled from a real registry (Debian's docker-registry).
+//!
+//! Tests share one kiln root (kernel, initramfs and image disks are built once) except those
+//! that check that nothing at all is left behind, which get their own.
+
+#[path = "../../kiln-image/tests/common/mod.rs"]
+#[allow(dead_code, missing_docs, clippy::unwrap_used)]
+mod registry;
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use kiln_image::oci::{ImageBuilder, LayerBuilder};
+use kiln_image::Compression;
+
+/// Why a test cannot run here, if it cannot.
+fn missing_prerequisite() -> Option<String> {
+    if !Path::new("/usr/bin/qemu-system-x86_64").exists() {
+        return Some("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)".into());
+    }
+    let has_kernel = std::fs::read_dir("/boot")
+        .map(|d| {
+            d.flatten().any(|e| {
+                let n = e.file_name().to_string_lossy().to_string();
+                n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64")
+            })
+        })
+        .unwrap_or(false);
+    if !has_kernel {
+        return Some(
+            "Debian's cloud kernel is not installed (apt-get install linux-image-cloud-amd64)"
+                .into(),
+        );
+    }
+    None
+}
+
+macro_rules! require_prerequisites {
+    () => {
+        if let Some(why) = missing_prerequisite() {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+}
+
+/// A kiln root directory, removed (after `rm -f` of its VMs) on drop.
+struct Root {
+    dir: PathBuf,
+}
+
+impl Root {
+    fn new(name: &str) -> Root {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "kiln-run-{name}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create kiln root");
+        Root { dir }
+    }
+
+    fn kiln(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run kiln")
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        command
+            .args(args)
+            .env("KILN_ROOT", &self.dir)
+            .env("KILN_BACKEND", "qemu")
+            .stdin(Stdio::null());
+        command
+    }
+
+    fn vm_dirs(&self) -> Vec<String> {
+        std::fs::read_dir(self.dir.join("vms"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn inspect(&self, vm: &str) -> serde_json::Value {
+        let out = self.kiln(&["inspect", vm]);
+        assert!(out.status.success(), "inspect {vm}: {}", text(&out.stderr));
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect json");
+        list[0].clone()
+    }
+
+    fn wait_status(&self, vm: &str, status: &str, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let record = self.inspect(vm);
+            if record["status"] == status {
+                return record;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "VM {vm} did not reach {status}: {record}\nconsole:\n{}",
+                self.console(vm)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn console(&self, vm: &str) -> String {
+        text(&self.kiln(&["logs", "--console", vm]).stdout)
+    }
+}
+
+impl Drop for Root {
+    fn drop(&mut self) {
+        let out = self.kiln(&["ps", "-a", "-q"]);
+        for id in text(&out.stdout).lines() {
+            let _ = self.kiln(&["rm", "-f", id]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The root most tests share.
+fn shared() -> &'static Root {
+    static SHARED: OnceLock<Root> = OnceLock::new();
+    SHARED.get_or_init(|| Root::new("shared"))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr)
+    )
+}
+
+/// A test registry with an image whose config sets Entrypoint, Cmd, Env, WorkingDir and User.
+struct TestImage {
+    _registry: registry::Registry,
+    reference: String,
+}
+
+fn test_image() -> &'static Mutex<Option<TestImage>> {
+    static IMAGE: OnceLock<Mutex<Option<TestImage>>> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("busybox-static is installed");
+        let base = kiln_image::build_default_image(Path::new(busybox)).expect("busybox layer");
+        let mut app = LayerBuilder::new();
+        app.dir("etc/", 0o755).expect("dir");
+        app.file(
+            "etc/passwd",
+            0o644,
+            b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+        )
+        .expect("passwd");
+        app.file("etc/group", 0o644, b"root:x:0:\napp:x:1000:\n")
+            .expect("group");
+        app.dir("home/", 0o755).expect("dir");
+        app.dir("home/app/", 0o755).expect("dir");
+        app.dir("srv/", 0o755).expect("dir");
+        app.file("srv/greeting.txt", 0o644, b"greetings from the image\n")
+            .expect("file");
+        let app = app.finish(Compression::Gzip).expect("layer");
+        let image = ImageBuilder::new()
+            .layer(base.layers[0].clone())
+            .layer(app)
+            .entrypoint(&["/bin/sh", "-c"])
+            .cmd(&["echo \"$GREETING from $(pwd) as $(id -u)\""])
+            .env(&[
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "GREETING=hello",
+            ])
+            .working_dir("/srv")
+            .user("app")
+            .build()
+            .expect("image");
+        let registry = registry::Registry::start();
+        registry.push("kiln-e2e/app", "v1", &image);
+        let reference = registry.reference("kiln-e2e/app:v1");
+        Mutex::new(Some(TestImage {
+            _registry: registry,
+            reference,
+        }))
+    })
+}
+
+fn image_reference() -> String {
+    test_image()
+        .lock()
+        .expect("image lock")
+        .as_ref()
+        .expect("image")
+        .reference
+        .clone()
+}
+
+#[test]
+fn run_rm_echo_prints_hi_and_leaves_nothing() {
+    require_prerequisites!();
+    let root = Root::new("echo");
+    let out = root.kiln(&["run", "--rm", "kiln/default", "echo", "hi"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(text(&out.stdout), "hi\n", "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("backend"),
+        "kiln says which backend it picked: {}",
+        describe(&out)
+    );
+    let ps = root.kiln(&["ps", "-a", "-q"]);
+    assert_eq!(text(&ps.stdout), "", "--rm removed the VM record");
+    assert!(root.vm_dirs().is_empty(), "--rm removed the VM directory");
+    assert_no_processes(&root.dir);
+}
+
+/// No process mentions `dir` (the kiln root) on its command line or as KILN_ROOT.
+fn assert_no_processes(dir: &Path) {
+    let needle = dir.to_string_lossy().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").expect("proc").flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if !name.chars().all(|c| c.is_ascii_digit()) || name == std::process::id().to_string() {
+                continue;
+            }
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+            let hay = [cmdline.as_slice(), environ.as_slice()].concat();
+            if String::from_utf8_lossy(&hay).contains(&needle) {
+                found.push(format!("{name}: {}", text(&cmdline).replace('\0', " ")));
+            }
+        }
+        if found.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "processes left behind for {needle}: {found:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn exit_codes_pass_through() {
+    require_prerequisites!();
+    let root = shared();
+    let out = root.kiln(&["run", "--rm", "kiln/default", "sh", "-c", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "{}", describe(&out));
+}
+
+#[test]
+fn a_missing_command_is_127_with_a_clear_message() {
+    require_prerequisites!();
+    let root = shared();
+    let out = root.kiln(&["run", "--rm", "kiln/default", "no-such-command"]);
+    assert_eq!(out.status.code(), Some(127), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("no-such-command"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn image_config_is_honoured_and_overridable() {
+    require_prerequisites!();
+    let root = shared();
+    let image = image_reference();
+    let out = root.kiln(&["run", "--rm", &image]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(text(&out.stdout), "hello from /srv as 1000\n");
+
+    // -e, -w, -u and a command replacing Cmd (the Entrypoint `sh -c` stays).
+    let out = root.kiln(&[
+        "run",
+        "--rm",
+        "-e",
+        "GREETING=bye",
+        "-w",
+        "/tmp/work",
+        "-u",
+        "root",
+        &image,
+        "echo \"$GREETING from $(pwd) as $(id -u)\"; cat /srv/greeting.txt",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        text(&out.stdout),
+        "bye from /tmp/work as 0\ngreetings from the image\n"
+    );
+
+    // --entrypoint replaces the Entrypoint.
+    let out = root.kiln(&["run", "--rm", "--entrypoint", "/bin/echo", &image, "plain"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(text(&out.stdout), "plain\n");
+}
+
+#[test]
+fn detached_vm_logs_exec_cp_stop_rm() {
+    require_prerequisites!();
+    let root = shared();
+    let name = "e2e-detached";
+    let out = root.kiln(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "kiln/default",
+        "sh",
+        "-c",
+        "echo started; echo oops >&2; while :; do sleep 1; done",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let id = text(&out.stdout).trim().to_string();
+    assert_eq!(id.len(), 64, "run -d prints the full ID: {id}");
+    root.wait_status(name, "running", Duration::from_secs(120));
+
+    // logs: stdout and stderr of the main process, separated.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let logs = root.kiln(&["logs", name]);
+        if text(&logs.stdout) == "started\n" && text(&logs.stderr) == "oops\n" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "logs: {}", describe(&logs));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // exec: stdout, stderr, exit code, stdin.
+    let out = root.kiln(&["exec", name, "sh", "-c", "echo out; echo err >&2; exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert_eq!(text(&out.stdout), "out\n");
+    assert_eq!(text(&out.stderr), "err\n");
+    let mut child = root
+        .command(&["exec", "-i", name, "sh", "-c", "tr a-z A-Z; echo done"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("exec -i");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"shout\n")
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("exec -i output");
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(text(&out.stdout), "SHOUT\ndone\n");
+
+    // cp both ways: a directory in, back out under a new name, identical.
+    let host = tempfile::tempdir().expect("tempdir");
+    let src = host.path().join("payload");
+    std::fs::create_dir_all(src.join("sub")).expect("mkdir");
+    let blob: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(src.join("sub/blob.bin"), &blob).expect("write");
+    std::fs::write(src.join("note.txt"), b"note\n").expect("write");
+    let out = root.kiln(&["cp", &src.to_string_lossy(), &format!("{name}:/tmp")]);
+    assert!(out.status.success(), "cp in: {}", describe(&out));
+    let out = root.kiln(&["exec", name, "cat", "/tmp/payload/note.txt"]);
+    assert_eq!(text(&out.stdout), "note\n", "{}", describe(&out));
+    let back = host.path().join("back");
+    let out = root.kiln(&["cp", &format!("{name}:/tmp/payload"), &back.to_string_lossy()]);
+    assert!(out.status.success(), "cp out: {}", describe(&out));
+    assert_eq!(std::fs::read(back.join("sub/blob.bin")).expect("blob"), blob);
+    assert_eq!(std::fs::read(back.join("note.txt")).expect("note"), b"note\n");
+    let out = root.kiln(&["cp", &format!("{name}:/no/such/file"), &back.to_string_lossy()]);
+    assert!(!out.status.success(), "cp of a missing path fails");
+
+    // ps lists it; stop ends it; rm removes everything.
+    let ps = root.kiln(&["ps"]);
+    assert!(text(&ps.stdout).contains(name), "{}", describe(&ps));
+    let out = root.kiln(&["stop", "-t", "2", name]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let record = root.inspect(name);
+    assert_eq!(record["status"], "exited", "{record}");
+    let ps = root.kiln(&["ps"]);
+    assert!(!text(&ps.stdout).contains(name), "ps hides stopped VMs");
+    let ps = root.kiln(&["ps", "-a"]);
+    assert!(text(&ps.stdout).contains(name), "ps -a shows them");
+    let dir = PathBuf::from(record["dir"].as_str().expect("dir"));
+    assert!(dir.exists());
+    let out = root.kiln(&["rm", name]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(!dir.exists(), "rm removed {}", dir.display());
+    let out = root.kiln(&["inspect", name]);
+    assert!(!out.status.success());
+}
+
+#[test]
+fn ctrl_c_is_forwarded_to_the_main_process() {
+    require_prerequisites!();
+    let root = shared();
+    let mut child = root
+        .command(&[
+            "run",
+            "--rm",
+            "kiln/default",
+            "sh",
+            "-c",
+            "trap 'echo got INT; exit 5' INT; echo ready; while :; do sleep 1; done",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("ready") {
+        let n = stdout.read(&mut buf).expect("read");
+        assert!(n > 0, "kiln ended before the process was ready");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+    }
+    stdout.read_to_end(&mut seen).expect("read rest");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(5), "output: {}", text(&seen));
+    assert!(text(&seen).contains("got INT"), "{}", text(&seen));
+}
+
+/// Opens a pseudo-terminal pair with the given window size.
+fn openpty(rows: u16, cols: u16) -> (OwnedFd, OwnedFd) {
+    let mut master = 0;
+    let mut slave = 0;
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: out-pointers are valid; name and termios may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &ws,
+        )
+    };
+    assert_eq!(rc, 0, "openpty");
+    // SAFETY: openpty returned two new descriptors we now own.
+    unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }
+}
+
+#[test]
+fn interactive_tty_session_through_a_pty() {
+    require_prerequisites!();
+    let root = shared();
+    let (master, slave) = openpty(33, 101);
+    let mut command = root.command(&["run", "--rm", "-it", "kiln/default", "sh"]);
+    let slave_fd = slave.as_raw_fd();
+    command
+        .stdin(Stdio::from(slave.try_clone().expect("dup")))
+        .stdout(Stdio::from(slave.try_clone().expect("dup")))
+        .stderr(Stdio::from(slave));
+    // SAFETY: setsid and ioctl are async-signal-safe; runs between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            libc::setsid();
+            libc::ioctl(slave_fd, libc::TIOCSCTTY, 0);
+            Ok(())
+        });
+    }
+    let mut child: Child = command.spawn().expect("kiln run -it");
+    let mut master = std::fs::File::from(master);
+    let output = std::sync::Arc::new(Mutex::new(Vec::<u8>::new()));
+    {
+        let output = output.clone();
+        let mut reader = master.try_clone().expect("dup master");
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                output.lock().expect("lock").extend_from_slice(&buf[..n]);
+            }
+        });
+    }
+    let wait_for = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if text(&output.lock().expect("lock")).contains(needle) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} on the terminal: {}",
+                text(&output.lock().expect("lock"))
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    master
+        .write_all(b"tty && stty size && echo $((6*7))x\r")
+        .expect("type");
+    wait_for("42x");
+    let seen = text(&output.lock().expect("lock"));
+    assert!(seen.contains("/dev/pts/"), "a real tty: {seen}");
+    assert!(seen.contains("33 101"), "the window size reached the guest: {seen}");
+    // Ctrl-C interrupts the foreground command, not the session.
+    master.write_all(b"sleep 100\r").expect("type");
+    std::thread::sleep(Duration::from_secs(2));
+    master.write_all(&[3]).expect("ctrl-c");
+    master.write_all(b"echo after-$((1+1))\r").expect("type");
+    wait_for("after-2");
+    // Ctrl-D ends the shell; its status is kiln's.
+    master.write_all(b"sh -c 'exit 4'; echo was-$?\r").expect("type");
+    wait_for("was-4");
+    master.write_all(&[4]).expect("ctrl-d");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "kiln did not end after Ctrl-D");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn eight_vms_at_once_all_work_and_ps_lists_them() {
+    require_prerequisites!();
+    let root = shared();
+    let names: Vec<String> = (0..8).map(|i| format!("e2e-many-{i}")).collect();
+    let handles: Vec<_> = names
+        .iter()
+        .map(|name| {
+            let name = name.clone();
+            std::thread::spawn(move || {
+                shared().kiln(&[
+                    "run",
+                    "-d",
+                    "--memory",
+                    "256M",
+                    "--name",
+                    &name,
+                    "kiln/default",
+                    "sleep",
+                    "600",
+                ])
+            })
+        })
+        .collect();
+    for handle in handles {
+        let out = handle.join().expect("thread");
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+    for name in &names {
+        root.wait_status(name, "running", Duration::from_secs(300));
+    }
+    let ps = root.kiln(&["ps", "--format", "json"]);
+    let list: serde_json::Value = serde_json::from_slice(&ps.stdout).expect("json");
+    for name in &names {
+        assert!(
+            list.as_array()
+                .expect("array")
+                .iter()
+                .any(|r| r["name"] == name.as_str() && r["status"] == "running"),
+            "{name} in ps: {list}"
+        );
+        let out = root.kiln(&["exec", name, "hostname"]);
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+    let mut args = vec!["rm", "-f"];
+    args.extend(names.iter().map(String::as_str));
+    let out = root.kiln(&args);
+    assert!(out.status.success(), "{}", describe(&out));
+}
+
+#[test]
+fn killed_supervisor_leaves_consistent_state_and_rm_cleans_everything() {
+    require_prerequisites!();
+    let root = Root::new("kill9");
+    let out = root.kiln(&["run", "-d", "--name", "victim", "kiln/default", "sleep", "600"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let record = root.wait_status("victim", "running", Duration::from_secs(180));
+    let supervisor = record["supervisor_pid"].as_u64().expect("supervisor pid") as i32;
+    let vmm = record["vmm_pid"].as_u64().expect("vmm pid") as i32;
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe {
+        libc::kill(supervisor, libc::SIGKILL);
+    }
+    let record = root.wait_status("victim", "exited", Duration::from_secs(10));
+    assert!(
+        record["status_reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("supervisor died"),
+        "{record}"
+    );
+    // The hypervisor dies with its supervisor.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{vmm}/cmdline")).exists()
+        && !std::fs::read_to_string(format!("/proc/{vmm}/stat"))
+            .unwrap_or_default()
+            .contains(") Z")
+    {
+        assert!(Instant::now() < deadline, "hypervisor {vmm} outlived its supervisor");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = root.kiln(&["rm", "victim"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(root.vm_dirs().is_empty(), "rm removed the VM directory");
+    assert_no_processes(&root.dir);
+}
+
+#[test]
+fn bad_input_is_refused_clearly_and_leaves_nothing() {
+    require_prerequisites!();
+    let root = Root::new("bad");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["run", "--rm", "localhost:1/no/such-image:v1", "true"],
+            "no/such-image",
+        ),
+        (vec!["run", "--rm", "--kernel", "nosuch", "kiln/default", "true"], "nosuch"),
+        (vec!["run", "--rm", "--memory", "lots", "kiln/default", "true"], "--memory"),
+        (vec!["run", "--rm", "--memory", "1M", "kiln/default", "true"], "too small"),
+        (vec!["run", "--rm", "--cpus", "0", "kiln/default", "true"], "--cpus"),
+        (vec!["run", "--rm", "--backend", "bochs", "kiln/default", "true"], "backend"),
+        (vec!["run", "--rm", "--name", "bad name!", "kiln/default", "true"], "name"),
+    ];
+    for (args, needle) in cases {
+        let out = root.kiln(&args);
+        assert!(!out.status.success(), "{args:?} should fail: {}", describe(&out));
+        assert!(
+            text(&out.stderr).contains(needle),
+            "{args:?}: the message names {needle:?}: {}",
+            describe(&out)
+        );
+        assert!(!text(&out.stderr).contains("panicked"), "{}", describe(&out));
+        let ps = root.kiln(&["ps", "-a", "-q"]);
+        assert_eq!(text(&ps.stdout), "", "{args:?} left a VM record");
+        assert!(root.vm_dirs().is_empty(), "{args:?} left a VM directory");
+    }
+    // A name in use.
+    let out = root.kiln(&["create", "--name", "taken", "kiln/default", "true"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = root.kiln(&["run", "--rm", "--name", "taken", "kiln/default", "true"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("already used"), "{}", describe(&out));
+    assert_eq!(root.vm_dirs().len(), 1, "only the first VM exists");
+    let out = root.kiln(&["rm", "taken"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(root.vm_dirs().is_empty());
+    assert_no_processes(&root.dir);
+}
