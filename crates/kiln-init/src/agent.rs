@@ -32,6 +32,20 @@
 //!
 //! Messages for a session that just ended (an `Ack` for its last output, say) are ignored;
 //! messages for a session that never existed get `Error`.
+//!
+//! Children are reaped only by this loop (`waitpid(-1)` after SIGCHLD wakes it), and a pid is
+//! recorded in the same iteration that forked it, so a child that exits at once cannot be
+//! reaped before the agent knows whose it is. Exits of pids that are no session's (orphans
+//! reparented to PID 1) are reaped and ignored.
+//!
+//! # The serial port's connection state
+//! A virtio-console port tells only through `POLLHUP` that the host side is gone. If the host
+//! disconnects and reconnects within a few milliseconds, the guest kernel may process both
+//! changes before the agent polls, and the agent then never sees the new connection: no new
+//! `Hello` is sent, and the half-written frame QEMU discarded on the disconnect is not
+//! restarted. Seen with QEMU under TCG when a client reconnects at once; a host must wait a
+//! little (50 ms was enough there) before reconnecting, and reconnect again (after a pause)
+//! if no `Hello` arrives.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
@@ -482,14 +496,13 @@ impl Agent {
     }
 
     fn conn_event(&mut self, revents: libc::c_short) {
-        let serial = matches!(self.transport, Transport::Serial(_));
-        if serial && revents & (libc::POLLHUP | libc::POLLERR) != 0 {
-            self.disconnect("the host closed the serial port");
-            return;
-        }
+        let hup = revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0;
         if revents & libc::POLLIN != 0 {
-            self.read_host();
-        } else if revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+            // After a hang-up, what the host sent before it left is still its to act on (a
+            // host may well send Shutdown and close): read it all, up to end of stream.
+            while self.read_host() && hup {}
+        }
+        if hup {
             self.disconnect("hang-up");
             return;
         }
@@ -498,24 +511,26 @@ impl Agent {
         }
     }
 
-    fn read_host(&mut self) {
+    /// Reads once from the host and handles the complete frames; false once nothing more can
+    /// be read now (or the connection ended).
+    fn read_host(&mut self) -> bool {
         let Some(fd) = self.conn.as_ref().map(|c| c.fd) else {
-            return;
+            return false;
         };
         let n = match sys::read(fd, &mut self.buf) {
             Ok(0) => {
                 self.disconnect("end of stream");
-                return;
+                return false;
             }
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
             Err(e) => {
                 self.disconnect(&format!("read: {e}"));
-                return;
+                return false;
             }
         };
         let Some(conn) = self.conn.as_mut() else {
-            return;
+            return false;
         };
         conn.frames.extend(&self.buf[..n]);
         let mut messages = Vec::new();
@@ -537,7 +552,10 @@ impl Agent {
             error!("bad frame from the host: {e}");
             match self.transport {
                 // A socket can be closed and reopened by the host: make it start clean.
-                Transport::Listener(_) => self.disconnect("malformed frame"),
+                Transport::Listener(_) => {
+                    self.disconnect("malformed frame");
+                    return false;
+                }
                 // The port stays; skip what was buffered and hope the next frame is whole.
                 Transport::Serial(_) => {
                     if let Some(conn) = self.conn.as_mut() {
@@ -546,6 +564,7 @@ impl Agent {
                 }
             }
         }
+        true
     }
 
     fn flush(&mut self) {

@@ -28,7 +28,10 @@ pub fn run() -> ! {
         Ok(t) => t,
         Err(e) => fatal(&e),
     };
-    debug!("serving the agent protocol");
+    debug!(
+        "serving the agent protocol ({} ms after boot)",
+        sys::boot_ms()
+    );
     match agent::serve(transport, Mode::Pid1) {
         Ok(()) => debug!("shutdown requested"),
         Err(e) => error!("the agent stopped: {e}"),
@@ -83,7 +86,8 @@ fn bring_up() -> Result<Transport, String> {
         error!("WARNING: {w}");
     }
     debug!(
-        "started: {} root={} ({}, {})",
+        "started {} ms after boot: {} root={} ({}, {})",
+        sys::boot_ms(),
         crate::AGENT_VERSION,
         opts.root,
         opts.rootfstype,
