@@ -20,7 +20,11 @@ fn main() {
         None => build_agent(&out_dir),
     };
     std::fs::copy(&binary, &embedded).unwrap_or_else(|e| {
-        panic!("copying {} to {}: {e}", binary.display(), embedded.display())
+        panic!(
+            "copying {} to {}: {e}",
+            binary.display(),
+            embedded.display()
+        )
     });
 }
 
@@ -32,7 +36,10 @@ fn build_agent(out_dir: &Path) -> PathBuf {
         .expect("crates/kiln-engine sits two levels below the workspace root")
         .to_path_buf();
     for watched in ["crates/kiln-init", "crates/agent-protocol", "Cargo.lock"] {
-        println!("cargo:rerun-if-changed={}", workspace.join(watched).display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            workspace.join(watched).display()
+        );
     }
     // OUT_DIR is <target>/<profile>/build/<pkg>-<hash>/out, with a <triple> level after
     // <target> when Cargo runs with --target.

@@ -14,10 +14,11 @@ pub struct Session {
     events: UnixStream,
 }
 
-/// The half of a session that sends: stdin, resizes, signals. Cloneable across threads.
-#[derive(Debug)]
+/// The half of a session that sends: stdin, resizes, signals. Clones share one lock, so
+/// frames from different threads never interleave.
+#[derive(Debug, Clone)]
 pub struct SessionInput {
-    stream: UnixStream,
+    stream: std::sync::Arc<std::sync::Mutex<UnixStream>>,
 }
 
 /// How a session ended.
@@ -89,10 +90,11 @@ impl Session {
     /// The sending half.
     pub fn input(&self) -> Result<SessionInput> {
         Ok(SessionInput {
-            stream: self
-                .events
-                .try_clone()
-                .map_err(|e| EngineError::Agent(format!("control socket: {e}")))?,
+            stream: std::sync::Arc::new(std::sync::Mutex::new(
+                self.events
+                    .try_clone()
+                    .map_err(|e| EngineError::Agent(format!("control socket: {e}")))?,
+            )),
         })
     }
 
@@ -121,7 +123,9 @@ impl Session {
                     let _ = stdout.write_all(&data).and_then(|_| stdout.flush());
                 }
                 Some(ControlEvent::Started { .. }) | Some(ControlEvent::Done) => {}
-                Some(ControlEvent::Exited { status }) => return Ok(SessionEnd::Exited(status.code())),
+                Some(ControlEvent::Exited { status }) => {
+                    return Ok(SessionEnd::Exited(status.code()))
+                }
                 Some(ControlEvent::Failed { message, code }) => {
                     return Ok(SessionEnd::Failed { message, code })
                 }
@@ -164,16 +168,12 @@ impl Session {
 impl SessionInput {
     /// Another handle on the same session.
     pub fn try_clone(&self) -> Result<SessionInput> {
-        Ok(SessionInput {
-            stream: self
-                .stream
-                .try_clone()
-                .map_err(|e| EngineError::Agent(format!("control socket: {e}")))?,
-        })
+        Ok(self.clone())
     }
 
     fn send(&mut self, request: &ControlRequest) -> Result<()> {
-        Ok(write_message(&mut self.stream, request)?)
+        let mut stream = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(write_message(&mut *stream, request)?)
     }
 
     /// Sends stdin bytes.

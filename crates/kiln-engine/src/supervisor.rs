@@ -69,6 +69,7 @@ struct Shared {
     events: Mutex<Sender<Event>>,
     replies: Mutex<HashMap<&'static str, Sender<GuestMessage>>>,
     main_running: AtomicBool,
+    main_ever_started: AtomicBool,
     main_stdin: bool,
 }
 
@@ -77,8 +78,15 @@ impl Shared {
         let mut agent = lock(&self.agent);
         match agent.as_mut() {
             Some(stream) => write_message(stream, message).map_err(EngineError::from),
-            None => Err(EngineError::Agent("the guest agent is not connected".into())),
+            None => Err(EngineError::Agent(
+                "the guest agent is not connected".into(),
+            )),
         }
+    }
+
+    /// Whether the main process was started at some point (it may have ended since).
+    fn main_started(&self) -> bool {
+        self.main_ever_started.load(Ordering::SeqCst)
     }
 
     fn event(&self, event: Event) {
@@ -112,7 +120,11 @@ pub fn run(kiln_root: &Path, id: &str, wait_attach: bool) -> Result<()> {
         .write(true)
         .open(&paths.lock)
         .map_err(|e| EngineError::io("open", &paths.lock, e))?;
-    if rustix::fs::flock(&lock_file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err()
+    if rustix::fs::flock(
+        &lock_file,
+        rustix::fs::FlockOperation::NonBlockingLockExclusive,
+    )
+    .is_err()
     {
         return Err(EngineError::Conflict(format!(
             "VM {} already has a running supervisor",
@@ -177,8 +189,8 @@ fn supervise(
         r.finished_at = None;
     })?;
     let _ = std::fs::remove_file(&paths.control);
-    let listener =
-        UnixListener::bind(&paths.control).map_err(|e| EngineError::io("bind", &paths.control, e))?;
+    let listener = UnixListener::bind(&paths.control)
+        .map_err(|e| EngineError::io("bind", &paths.control, e))?;
     let output_log = OpenOptions::new()
         .create(true)
         .append(true)
@@ -199,6 +211,7 @@ fn supervise(
         events: Mutex::new(events_tx),
         replies: Mutex::new(HashMap::new()),
         main_running: AtomicBool::new(false),
+        main_ever_started: AtomicBool::new(false),
         main_stdin: spec.process.stdin,
     });
     {
@@ -389,9 +402,15 @@ fn run_vm(
     match rx.recv_timeout(Duration::from_secs(60)) {
         Ok(GuestMessage::Configured) => {}
         Ok(GuestMessage::Error { message }) => {
-            return Err(EngineError::Agent(format!("configuring the guest: {message}")))
+            return Err(EngineError::Agent(format!(
+                "configuring the guest: {message}"
+            )))
         }
-        _ => return Err(EngineError::Agent("the guest agent did not configure the guest".into())),
+        _ => {
+            return Err(EngineError::Agent(
+                "the guest agent did not configure the guest".into(),
+            ))
+        }
     }
 
     if wait_attach {
@@ -404,12 +423,23 @@ fn run_vm(
 
     let mut process = spec.process.clone();
     process.main = true;
-    shared.main_running.store(true, Ordering::SeqCst);
     lock(&shared.stdin_credit).insert(MAIN_SESSION, WINDOW);
-    shared.send_agent(&HostMessage::Exec {
-        session: MAIN_SESSION,
-        process,
-    })?;
+    {
+        // Exec goes out before anything an attached client sends for the main session.
+        let mut agent = lock(&shared.agent);
+        let stream = agent
+            .as_mut()
+            .ok_or_else(|| EngineError::Agent("the guest agent is not connected".into()))?;
+        write_message(
+            stream,
+            &HostMessage::Exec {
+                session: MAIN_SESSION,
+                process,
+            },
+        )?;
+        shared.main_running.store(true, Ordering::SeqCst);
+        shared.main_ever_started.store(true, Ordering::SeqCst);
+    }
     state.update(id, |r| r.status = VmStatus::Running)?;
 
     // Run until the main process ends, the VM dies or a stop is asked for.
@@ -441,7 +471,10 @@ fn run_vm(
                 break (None, format!("lost the guest agent: {why}"));
             }
             Event::HypervisorExited(status) => {
-                break (None, format!("the VM stopped unexpectedly (hypervisor {status})"));
+                break (
+                    None,
+                    format!("the VM stopped unexpectedly (hypervisor {status})"),
+                );
             }
             Event::Stop { timeout, done } => {
                 stop_done.push(done);
@@ -811,6 +844,17 @@ fn new_session(shared: &Arc<Shared>, writer: UnixStream, backlog: Arc<AtomicU32>
 /// Forwards a client's stdin, resizes and signals to `session`, honouring the agent's stdin
 /// window.
 fn forward_input(mut stream: UnixStream, shared: &Shared, session: SessionId) -> Result<()> {
+    // An attach comes before the main process starts (the supervisor waits for it); nothing
+    // may reach the agent for the main session before its Exec does.
+    if session == MAIN_SESSION {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        while !shared.main_running.load(Ordering::SeqCst) {
+            if Instant::now() >= deadline || shared.main_started() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
     loop {
         let request = match read_message::<_, ControlRequest>(&mut stream) {
             Ok(request) => request,

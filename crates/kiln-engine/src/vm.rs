@@ -338,7 +338,11 @@ impl Engine {
             }
             if let Ok(Some(status)) = child.try_wait() {
                 let log = std::fs::read_to_string(paths.supervisor_log()).unwrap_or_default();
-                let last = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+                let last = log
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("");
                 return Err(EngineError::Backend(format!(
                     "the VM supervisor exited at once ({status}): {last}"
                 )));
@@ -352,10 +356,9 @@ impl Engine {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        // Reap it in the background if it ends while we are still around.
-        std::thread::spawn(move || {
-            let _ = child.wait();
-        });
+        // Not reaped here: it runs on after we exit (then init reaps it), and a thread of ours
+        // waiting on it would receive the signals the CLI forwards.
+        drop(child);
         Ok(self.state.get(&record.id)?)
     }
 
@@ -414,9 +417,12 @@ impl Engine {
             return Ok(());
         }
         let paths = VmPaths::new(&record.dir);
-        match control_request(&paths, &ControlRequest::Stop {
-            timeout_secs: timeout.as_secs(),
-        }) {
+        match control_request(
+            &paths,
+            &ControlRequest::Stop {
+                timeout_secs: timeout.as_secs(),
+            },
+        ) {
             Ok(_) => {}
             Err(e) if supervisor_alive(&record) => return Err(e),
             Err(_) => {}
@@ -592,7 +598,9 @@ pub fn process_from_image(
     let image_entrypoint = image_config
         .and_then(|c| c.entrypoint().clone())
         .unwrap_or_default();
-    let image_cmd = image_config.and_then(|c| c.cmd().clone()).unwrap_or_default();
+    let image_cmd = image_config
+        .and_then(|c| c.cmd().clone())
+        .unwrap_or_default();
     let entrypoint = match &options.entrypoint {
         Some(e) if e.is_empty() => Vec::new(),
         Some(e) => vec![e.clone()],
@@ -667,4 +675,3 @@ pub fn process_from_image(
         main: true,
     })
 }
-

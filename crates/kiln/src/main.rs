@@ -86,6 +86,12 @@ fn main() -> std::process::ExitCode {
             | Command::System(_)
             | Command::Supervise(_)
     );
+    if matches!(
+        cli.command,
+        Command::Run(_) | Command::Exec(_) | Command::Start(_)
+    ) {
+        cmd::vm::forward_signals();
+    }
     let result = match cli.command {
         Command::Run(args) => cmd::vm::run(args),
         Command::Create(args) => cmd::vm::create(args),

@@ -24,7 +24,9 @@ use kiln_image::Compression;
 /// Why a test cannot run here, if it cannot.
 fn missing_prerequisite() -> Option<String> {
     if !Path::new("/usr/bin/qemu-system-x86_64").exists() {
-        return Some("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)".into());
+        return Some(
+            "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)".into(),
+        );
     }
     let has_kernel = std::fs::read_dir("/boot")
         .map(|d| {
@@ -380,11 +382,25 @@ fn detached_vm_logs_exec_cp_stop_rm() {
     let out = root.kiln(&["exec", name, "cat", "/tmp/payload/note.txt"]);
     assert_eq!(text(&out.stdout), "note\n", "{}", describe(&out));
     let back = host.path().join("back");
-    let out = root.kiln(&["cp", &format!("{name}:/tmp/payload"), &back.to_string_lossy()]);
+    let out = root.kiln(&[
+        "cp",
+        &format!("{name}:/tmp/payload"),
+        &back.to_string_lossy(),
+    ]);
     assert!(out.status.success(), "cp out: {}", describe(&out));
-    assert_eq!(std::fs::read(back.join("sub/blob.bin")).expect("blob"), blob);
-    assert_eq!(std::fs::read(back.join("note.txt")).expect("note"), b"note\n");
-    let out = root.kiln(&["cp", &format!("{name}:/no/such/file"), &back.to_string_lossy()]);
+    assert_eq!(
+        std::fs::read(back.join("sub/blob.bin")).expect("blob"),
+        blob
+    );
+    assert_eq!(
+        std::fs::read(back.join("note.txt")).expect("note"),
+        b"note\n"
+    );
+    let out = root.kiln(&[
+        "cp",
+        &format!("{name}:/no/such/file"),
+        &back.to_string_lossy(),
+    ]);
     assert!(!out.status.success(), "cp of a missing path fails");
 
     // ps lists it; stop ends it; rm removes everything.
@@ -425,6 +441,8 @@ fn ctrl_c_is_forwarded_to_the_main_process() {
         .spawn()
         .expect("run");
     let mut stdout = child.stdout.take().expect("stdout");
+    let mut guard = KillOnDrop(child);
+    let child = &mut guard.0;
     let mut seen = Vec::new();
     let mut buf = [0u8; 256];
     while !String::from_utf8_lossy(&seen).contains("ready") {
@@ -440,6 +458,16 @@ fn ctrl_c_is_forwarded_to_the_main_process() {
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(5), "output: {}", text(&seen));
     assert!(text(&seen).contains("got INT"), "{}", text(&seen));
+}
+
+/// Kills the child when a test ends early (a failed assertion), so no kiln is left behind.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Opens a pseudo-terminal pair with the given window size.
@@ -486,7 +514,8 @@ fn interactive_tty_session_through_a_pty() {
             Ok(())
         });
     }
-    let mut child: Child = command.spawn().expect("kiln run -it");
+    let mut guard = KillOnDrop(command.spawn().expect("kiln run -it"));
+    let child = &mut guard.0;
     let mut master = std::fs::File::from(master);
     let output = std::sync::Arc::new(Mutex::new(Vec::<u8>::new()));
     {
@@ -516,13 +545,20 @@ fn interactive_tty_session_through_a_pty() {
             std::thread::sleep(Duration::from_millis(50));
         }
     };
+    wait_for("# ");
+    // busybox ash sets up its line editor just after printing the prompt and drops input that
+    // arrives during that; a person would not type within milliseconds either.
+    std::thread::sleep(Duration::from_secs(1));
     master
         .write_all(b"tty && stty size && echo $((6*7))x\r")
         .expect("type");
     wait_for("42x");
     let seen = text(&output.lock().expect("lock"));
     assert!(seen.contains("/dev/pts/"), "a real tty: {seen}");
-    assert!(seen.contains("33 101"), "the window size reached the guest: {seen}");
+    assert!(
+        seen.contains("33 101"),
+        "the window size reached the guest: {seen}"
+    );
     // Ctrl-C interrupts the foreground command, not the session.
     master.write_all(b"sleep 100\r").expect("type");
     std::thread::sleep(Duration::from_secs(2));
@@ -530,7 +566,9 @@ fn interactive_tty_session_through_a_pty() {
     master.write_all(b"echo after-$((1+1))\r").expect("type");
     wait_for("after-2");
     // Ctrl-D ends the shell; its status is kiln's.
-    master.write_all(b"sh -c 'exit 4'; echo was-$?\r").expect("type");
+    master
+        .write_all(b"sh -c 'exit 4'; echo was-$?\r")
+        .expect("type");
     wait_for("was-4");
     master.write_all(&[4]).expect("ctrl-d");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -598,7 +636,15 @@ fn eight_vms_at_once_all_work_and_ps_lists_them() {
 fn killed_supervisor_leaves_consistent_state_and_rm_cleans_everything() {
     require_prerequisites!();
     let root = Root::new("kill9");
-    let out = root.kiln(&["run", "-d", "--name", "victim", "kiln/default", "sleep", "600"]);
+    let out = root.kiln(&[
+        "run",
+        "-d",
+        "--name",
+        "victim",
+        "kiln/default",
+        "sleep",
+        "600",
+    ]);
     assert!(out.status.success(), "{}", describe(&out));
     let record = root.wait_status("victim", "running", Duration::from_secs(180));
     let supervisor = record["supervisor_pid"].as_u64().expect("supervisor pid") as i32;
@@ -622,7 +668,10 @@ fn killed_supervisor_leaves_consistent_state_and_rm_cleans_everything() {
             .unwrap_or_default()
             .contains(") Z")
     {
-        assert!(Instant::now() < deadline, "hypervisor {vmm} outlived its supervisor");
+        assert!(
+            Instant::now() < deadline,
+            "hypervisor {vmm} outlived its supervisor"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let out = root.kiln(&["rm", "victim"]);
@@ -640,22 +689,48 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
             vec!["run", "--rm", "localhost:1/no/such-image:v1", "true"],
             "no/such-image",
         ),
-        (vec!["run", "--rm", "--kernel", "nosuch", "kiln/default", "true"], "nosuch"),
-        (vec!["run", "--rm", "--memory", "lots", "kiln/default", "true"], "--memory"),
-        (vec!["run", "--rm", "--memory", "1M", "kiln/default", "true"], "too small"),
-        (vec!["run", "--rm", "--cpus", "0", "kiln/default", "true"], "--cpus"),
-        (vec!["run", "--rm", "--backend", "bochs", "kiln/default", "true"], "backend"),
-        (vec!["run", "--rm", "--name", "bad name!", "kiln/default", "true"], "name"),
+        (
+            vec!["run", "--rm", "--kernel", "nosuch", "kiln/default", "true"],
+            "nosuch",
+        ),
+        (
+            vec!["run", "--rm", "--memory", "lots", "kiln/default", "true"],
+            "--memory",
+        ),
+        (
+            vec!["run", "--rm", "--memory", "1M", "kiln/default", "true"],
+            "too small",
+        ),
+        (
+            vec!["run", "--rm", "--cpus", "0", "kiln/default", "true"],
+            "--cpus",
+        ),
+        (
+            vec!["run", "--rm", "--backend", "bochs", "kiln/default", "true"],
+            "backend",
+        ),
+        (
+            vec!["run", "--rm", "--name", "bad name!", "kiln/default", "true"],
+            "name",
+        ),
     ];
     for (args, needle) in cases {
         let out = root.kiln(&args);
-        assert!(!out.status.success(), "{args:?} should fail: {}", describe(&out));
+        assert!(
+            !out.status.success(),
+            "{args:?} should fail: {}",
+            describe(&out)
+        );
         assert!(
             text(&out.stderr).contains(needle),
             "{args:?}: the message names {needle:?}: {}",
             describe(&out)
         );
-        assert!(!text(&out.stderr).contains("panicked"), "{}", describe(&out));
+        assert!(
+            !text(&out.stderr).contains("panicked"),
+            "{}",
+            describe(&out)
+        );
         let ps = root.kiln(&["ps", "-a", "-q"]);
         assert_eq!(text(&ps.stdout), "", "{args:?} left a VM record");
         assert!(root.vm_dirs().is_empty(), "{args:?} left a VM directory");
@@ -665,7 +740,11 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
     assert!(out.status.success(), "{}", describe(&out));
     let out = root.kiln(&["run", "--rm", "--name", "taken", "kiln/default", "true"]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("already used"), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("already used"),
+        "{}",
+        describe(&out)
+    );
     assert_eq!(root.vm_dirs().len(), 1, "only the first VM exists");
     let out = root.kiln(&["rm", "taken"]);
     assert!(out.status.success(), "{}", describe(&out));

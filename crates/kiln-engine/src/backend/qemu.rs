@@ -124,7 +124,9 @@ impl Backend for QemuBackend {
                 qemu_escape(&agent_socket.to_string_lossy())
             ))
             .arg("-device")
-            .arg(format!("virtserialport,chardev=agent,name={SERIAL_PORT_NAME}"));
+            .arg(format!(
+                "virtserialport,chardev=agent,name={SERIAL_PORT_NAME}"
+            ));
         let mut guest_config = GuestConfig::default();
         if spec.network == NetworkMode::User {
             command
@@ -147,9 +149,9 @@ impl Backend for QemuBackend {
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr));
         die_with_parent(&mut command);
-        let child = command.spawn().map_err(|e| {
-            EngineError::Backend(format!("starting {}: {e}", program.display()))
-        })?;
+        let child = command
+            .spawn()
+            .map_err(|e| EngineError::Backend(format!("starting {}: {e}", program.display())))?;
         Ok(Launched {
             child,
             transport: Box::new(ConsolePortTransport {
@@ -187,6 +189,9 @@ impl AgentTransport for ConsolePortTransport {
     }
 
     fn describe(&self) -> String {
-        format!("virtio-console port {SERIAL_PORT_NAME} at {}", self.socket.display())
+        format!(
+            "virtio-console port {SERIAL_PORT_NAME} at {}",
+            self.socket.display()
+        )
     }
 }

@@ -106,9 +106,9 @@ impl Backend for VmmBackend {
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr));
         die_with_parent(&mut command);
-        let child = command.spawn().map_err(|e| {
-            EngineError::Backend(format!("starting {}: {e}", program.display()))
-        })?;
+        let child = command
+            .spawn()
+            .map_err(|e| EngineError::Backend(format!("starting {}: {e}", program.display())))?;
         Ok(Launched {
             child,
             transport: Box::new(VsockTransport {

@@ -13,7 +13,7 @@ use kiln_engine::client::{Session, SessionEnd};
 use kiln_engine::control::{log_tag, parse_output_log};
 use kiln_engine::state::{VmRecord, VmStatus};
 use kiln_engine::vm::{CreateOptions, Engine, VmPaths};
-use kiln_image::{PullOptions, ProgressMode};
+use kiln_image::{ProgressMode, PullOptions};
 
 use crate::cmd::image::parse_size;
 use crate::term;
@@ -331,7 +331,12 @@ pub fn create(args: CreateArgs) -> anyhow::Result<u8> {
 }
 
 /// Starts `record` with the main process held until we attach, then follows it.
-fn start_attached(engine: &Engine, record: &VmRecord, stdin: bool, tty: bool) -> anyhow::Result<u8> {
+fn start_attached(
+    engine: &Engine,
+    record: &VmRecord,
+    stdin: bool,
+    tty: bool,
+) -> anyhow::Result<u8> {
     let record = engine.start(record, true)?;
     let paths = VmPaths::new(&record.dir);
     // Opened now: the supervisor may remove the directory (--rm) before we wait on it.
@@ -353,38 +358,46 @@ fn report_end(end: &SessionEnd) -> anyhow::Result<u8> {
     Ok(u8::try_from(end.code()).unwrap_or(EXIT_KILN_ERROR))
 }
 
+/// Where the signal thread forwards Ctrl-C, SIGTERM and window changes; until a session is
+/// up, those signals end kiln.
+static FORWARD_TO: std::sync::Mutex<Option<kiln_engine::client::SessionInput>> =
+    std::sync::Mutex::new(None);
+
+/// Takes SIGINT, SIGTERM, SIGHUP and SIGWINCH on a thread of their own, for the whole run of a
+/// foreground command: blocked in every thread (this must run before any other thread
+/// starts), then forwarded to the session once there is one.
+pub fn forward_signals() {
+    let signals = term::block_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGWINCH]);
+    std::thread::spawn(move || loop {
+        let signal = term::wait_signal(&signals);
+        let mut target = FORWARD_TO.lock().unwrap_or_else(|p| p.into_inner());
+        match target.as_mut() {
+            Some(input) => {
+                let sent = if signal == libc::SIGWINCH {
+                    match term::window_size(0) {
+                        Some((rows, cols)) => input.resize(rows, cols),
+                        None => Ok(()),
+                    }
+                } else {
+                    input.signal(signal)
+                };
+                if sent.is_err() {
+                    *target = None;
+                }
+            }
+            None if signal == libc::SIGWINCH => {}
+            None => std::process::exit(128 + signal),
+        }
+    });
+}
+
 /// Runs a session in the foreground: stdin forwarded (with `stdin`), the terminal in raw mode
 /// and resizes forwarded (with `tty`), Ctrl-C and SIGTERM forwarded as signals (without
 /// `tty`; with one, Ctrl-C is a byte for the guest's terminal).
 fn follow(mut session: Session, stdin: bool, tty: bool) -> anyhow::Result<SessionEnd> {
-    let signals = term::block_signals(&[
-        libc::SIGINT,
-        libc::SIGTERM,
-        libc::SIGHUP,
-        libc::SIGWINCH,
-    ]);
     let mut input = session.input()?;
-    let mut signal_input = input.try_clone()?;
-    std::thread::spawn(move || loop {
-        let signal = term::wait_signal(&signals);
-        let sent = if signal == libc::SIGWINCH {
-            match term::window_size(0) {
-                Some((rows, cols)) => signal_input.resize(rows, cols),
-                None => Ok(()),
-            }
-        } else {
-            signal_input.signal(signal)
-        };
-        if sent.is_err() {
-            break;
-        }
-    });
+    *FORWARD_TO.lock().unwrap_or_else(|p| p.into_inner()) = Some(input.try_clone()?);
     let raw = if tty { term::RawMode::enable(0) } else { None };
-    if tty {
-        if let Some((rows, cols)) = term::window_size(0) {
-            let _ = input.resize(rows, cols);
-        }
-    }
     if stdin {
         std::thread::spawn(move || {
             let stdin = std::io::stdin();
@@ -420,8 +433,8 @@ pub fn start(args: StartArgs) -> anyhow::Result<u8> {
             bail!("start -a takes exactly one VM");
         }
         let record = engine.get(&args.vms[0])?;
-        let spec: kiln_engine::vm::VmSpec = serde_json::from_value(record.spec.clone())
-            .context("reading the VM's stored spec")?;
+        let spec: kiln_engine::vm::VmSpec =
+            serde_json::from_value(record.spec.clone()).context("reading the VM's stored spec")?;
         return start_attached(&engine, &record, spec.process.stdin, spec.process.tty);
     }
     let mut failed = false;
@@ -562,7 +575,11 @@ fn command_text(record: &VmRecord) -> String {
         .get("process")
         .and_then(|p| p.get("args"))
         .and_then(|a| a.as_array())
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
     let text = args.join(" ");
     if text.chars().count() > 24 {
@@ -772,7 +789,10 @@ pub fn attach(args: AttachArgs) -> anyhow::Result<u8> {
     let mut input = session.input()?;
     let raw = term::RawMode::enable(0);
     if raw.is_some() {
-        eprint!("kiln: attached to the console of {}; Ctrl-] detaches\r\n", record.name);
+        eprint!(
+            "kiln: attached to the console of {}; Ctrl-] detaches\r\n",
+            record.name
+        );
     }
     std::thread::spawn(move || {
         let mut buf = [0u8; 1024];
@@ -853,7 +873,9 @@ pub fn cp(args: CpArgs) -> anyhow::Result<u8> {
             let record = running(&engine, vm)?;
             copy_in(&VmPaths::new(&record.dir), Path::new(&args.src), path)
         }
-        (Some(_), Some(_)) => bail!("copying between two VMs is not supported: copy through the host"),
+        (Some(_), Some(_)) => {
+            bail!("copying between two VMs is not supported: copy through the host")
+        }
         (None, None) => bail!("one of source and destination must be VM:PATH"),
     }
 }
@@ -953,8 +975,8 @@ fn copy_in(paths: &VmPaths, src: &Path, guest_path: &str) -> anyhow::Result<u8> 
     if !guest_path.starts_with('/') {
         bail!("the VM path {guest_path:?} must be absolute");
     }
-    let meta = std::fs::symlink_metadata(src)
-        .with_context(|| format!("source {}", src.display()))?;
+    let meta =
+        std::fs::symlink_metadata(src).with_context(|| format!("source {}", src.display()))?;
     let src_name = src
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
