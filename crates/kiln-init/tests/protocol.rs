@@ -789,3 +789,53 @@ fn shutdown_stops_processes_and_ends_the_agent() {
     let alive = unsafe { libc::kill(pid as i32, 0) } == 0;
     assert!(!alive, "sleep survived the shutdown");
 }
+
+#[test]
+fn stdin_beyond_the_window_is_refused_with_an_error() {
+    let agent = Agent::start();
+    let mut conn = agent.connect();
+    // sleep never reads: once its pipe is full, nothing more is acknowledged.
+    conn.exec(
+        1,
+        ProcessSpec {
+            args: vec!["sleep".into(), "100".into()],
+            stdin: true,
+            ..Default::default()
+        },
+    );
+    let chunk = vec![b'x'; MAX_CHUNK];
+    let chunks = 2 * WINDOW as usize / MAX_CHUNK;
+    for _ in 0..chunks {
+        conn.send(&HostMessage::Stdin {
+            session: 1,
+            data: chunk.clone(),
+        });
+    }
+    let mut acked = 0usize;
+    let message = loop {
+        match conn.recv() {
+            GuestMessage::StdinAck { session: 1, bytes } => acked += bytes as usize,
+            GuestMessage::Error { message } => break message,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert!(message.contains("beyond the"), "{message}");
+    assert!(
+        acked < chunks * MAX_CHUNK - WINDOW as usize,
+        "acked {acked}"
+    );
+    conn.send(&HostMessage::Signal {
+        session: 1,
+        signal: libc::SIGKILL,
+    });
+    loop {
+        match conn.recv() {
+            GuestMessage::Exited { session: 1, status } => {
+                assert_eq!(status, ExitStatus::Signal(libc::SIGKILL));
+                break;
+            }
+            GuestMessage::StdinAck { .. } | GuestMessage::Error { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
