@@ -522,11 +522,9 @@ impl Engine {
         if let Ok(entries) = std::fs::read_dir(&vms) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().to_string();
-                if !known.contains(&name) {
-                    if !lock_held(&entry.path()) {
-                        let _ = std::fs::remove_dir_all(entry.path());
-                        removed.push(name);
-                    }
+                if !known.contains(&name) && !lock_held(&entry.path()) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                    removed.push(name);
                 }
             }
         }

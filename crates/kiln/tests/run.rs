@@ -6,7 +6,7 @@
 //! that check that nothing at all is left behind, which get their own.
 
 #[path = "../../kiln-image/tests/common/mod.rs"]
-#[allow(dead_code, missing_docs, clippy::unwrap_used)]
+#[allow(missing_docs, clippy::unwrap_used)]
 mod registry;
 
 use std::io::{Read, Write};
