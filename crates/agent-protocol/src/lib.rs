@@ -299,8 +299,8 @@ pub enum Error {
 
 /// Encodes `message` as one frame (length prefix and payload).
 pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, Error> {
-    let mut frame = postcard::to_extend(message, vec![0u8; 4])
-        .map_err(|e| Error::Malformed(e.to_string()))?;
+    let mut frame =
+        postcard::to_extend(message, vec![0u8; 4]).map_err(|e| Error::Malformed(e.to_string()))?;
     let len = frame.len() - 4;
     if len > MAX_FRAME {
         return Err(Error::TooLarge(len));
