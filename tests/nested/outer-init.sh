@@ -42,6 +42,13 @@ if [ "$mode" = check ]; then
     off
 fi
 
+if [ "$mode" = kiln-run ]; then
+    # `kiln run --backend vmm` (run.sh --kiln-run): kiln, kiln-vmm, a warmed KILN_ROOT and
+    # resize2fs (with its libraries) are in this initramfs.
+    KILN=/kiln KILN_VMM=/kiln-vmm KILN_ROOT=/kiln-root /bin/sh /kiln-run.sh
+    off
+fi
+
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 300 ]; do
     usleep 100000

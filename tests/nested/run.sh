@@ -17,6 +17,13 @@
 #                       qemu: boot the inner guest with host QEMU TCG -M microvm,acpi=on
 #                       (validates the inner initramfs + disk independently of kiln-vmm)
 #   --outer-check       only boot the outer VM and check that /dev/kvm (nested SVM) appears
+#   --kiln-run          instead of the inner busybox guest, test `kiln run --backend vmm`: warm a
+#                       KILN_ROOT on the host (`kiln run --backend qemu --rm kiln/default true`),
+#                       then in the outer VM (or on a host with vmx/svm, directly) run
+#                       `kiln run --backend vmm --rm kiln/default echo hi` (stdout hi, exit 0) and
+#                       `... sh -c 'exit 7'` (exit 7) through tests/nested/kiln-run.sh
+#   --kiln PATH         --kiln-run: use this (static) kiln instead of building one
+#   --kiln-root DIR     --kiln-run: use (and warm) this KILN_ROOT (default: WORKDIR/kiln-root)
 #   --nested | --direct force the outer VM, or running kiln-vmm on the host (default: auto)
 #   --outer-disk blockdev|copy
 #                       nested mode: give kiln-vmm the outer VM's /dev/vda (default), or a
@@ -37,6 +44,9 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 
 KILN_VMM=""
+KILN_BIN=""
+KILN_RUN=0
+KILN_ROOT_DIR=""
 KEEP=""
 INNER_VMM=kiln
 OUTER_CHECK=0
@@ -64,6 +74,9 @@ while [[ $# -gt 0 ]]; do
         --keep) KEEP=${2:?--keep needs a directory}; shift 2 ;;
         --inner-vmm) INNER_VMM=${2:?--inner-vmm needs kiln or qemu}; shift 2 ;;
         --outer-check) OUTER_CHECK=1; shift ;;
+        --kiln-run) KILN_RUN=1; shift ;;
+        --kiln) KILN_BIN=${2:?--kiln needs a path}; shift 2 ;;
+        --kiln-root) KILN_ROOT_DIR=${2:?--kiln-root needs a directory}; shift 2 ;;
         --nested) MODE=nested; shift ;;
         --direct) MODE=direct; shift ;;
         --outer-disk) OUTER_DISK=${2:?--outer-disk needs blockdev or copy}; shift 2 ;;
@@ -91,6 +104,11 @@ fi
 if [[ $OUTER_CHECK == 1 ]]; then
     MODE=outer-check
 fi
+if [[ $KILN_RUN == 1 ]]; then
+    [[ $MODE == nested || $MODE == direct ]] ||
+        die "--kiln-run excludes --outer-check and --inner-vmm qemu"
+    MODE=kiln-run-$MODE
+fi
 
 # ---------------------------------------------------------------- prerequisites
 need() { # need COMMAND APT-PACKAGE
@@ -102,7 +120,7 @@ need mkfs.ext4 e2fsprogs
 need debugfs e2fsprogs
 need timeout coreutils
 need ldd libc-bin
-if [[ $MODE != direct ]]; then
+if [[ $MODE != direct && $MODE != kiln-run-direct ]]; then
     need qemu-system-x86_64 qemu-system-x86
 fi
 
@@ -132,7 +150,7 @@ fi
 KVER=$(basename "$KERNEL"); KVER=${KVER#vmlinuz-}
 MODDIR=${KILN_MODULES_DIR:-/lib/modules/$KVER}
 [[ -f $MODDIR/modules.dep ]] || die "$MODDIR/modules.dep missing: install the Debian package 'linux-image-$KVER' (or linux-image-cloud-amd64)"
-if [[ $MODE == nested || $MODE == outer-check ]]; then
+if [[ $MODE == nested || $MODE == outer-check || $MODE == kiln-run-nested ]]; then
     grep -q '^CONFIG_KVM_AMD=m' "/boot/config-$KVER" 2>/dev/null ||
         log "warning: /boot/config-$KVER does not say CONFIG_KVM_AMD=m; continuing"
 fi
@@ -196,6 +214,23 @@ if [[ $MODE == nested || $MODE == direct ]]; then
     fi
     echo "KILN-VMM-BINARY $KILN_VMM"
 fi
+if [[ $MODE == kiln-run-* ]]; then
+    if [[ -z $KILN_BIN || -z $KILN_VMM ]]; then
+        need cargo "cargo (rustup)"
+        log "building static kiln and kiln-vmm (target/static)"
+        dir=$("$REPO/scripts/build-static.sh" kiln kiln-vmm) || die "cargo build of static kiln/kiln-vmm failed"
+        [[ -n $KILN_BIN ]] || KILN_BIN=$dir/kiln
+        [[ -n $KILN_VMM ]] || KILN_VMM=$dir/kiln-vmm
+    fi
+    [[ -x $KILN_BIN ]] || die "kiln binary $KILN_BIN missing or not executable"
+    [[ -x $KILN_VMM ]] || die "kiln-vmm binary $KILN_VMM missing or not executable"
+    if [[ $MODE == kiln-run-nested ]]; then
+        is_static "$KILN_BIN" || die "$KILN_BIN is dynamically linked; the outer initramfs needs a static one (scripts/build-static.sh kiln)"
+        is_static "$KILN_VMM" || die "$KILN_VMM is dynamically linked; the outer initramfs needs a static one (scripts/build-static.sh kiln-vmm)"
+    fi
+    echo "KILN-BINARY $KILN_BIN"
+    echo "KILN-VMM-BINARY $KILN_VMM"
+fi
 
 # ---------------------------------------------------------------- modules
 # resolve_modules NAME... -> relative module paths (as in modules.dep) in load order, deps first.
@@ -250,6 +285,16 @@ install_modules() {
         echo "$base" >>"$root/modules.list"
     done
 }
+copy_with_libs() { # copy_with_libs ROOT BINARY DEST: BINARY at ROOT/DEST plus what ldd lists
+    local root=$1 bin=$2 dest=$3 lib
+    [[ -x $bin ]] || die "$bin not found: install the Debian package 'e2fsprogs'"
+    mkdir -p "$root/$(dirname "$dest")"
+    cp -L "$bin" "$root/$dest"
+    for lib in $(ldd "$bin" | grep -o -E '/[^ ]+'); do
+        mkdir -p "$root/$(dirname "$lib")"
+        cp -L "$lib" "$root/$lib"
+    done
+}
 make_cpio() { # make_cpio ROOT OUT.gz
     (cd "$1" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc -R 0:0 --quiet) | gzip -1 >"$2"
 }
@@ -261,7 +306,25 @@ busybox_root() { # busybox_root ROOT INIT-SCRIPT
     chmod 0755 "$1/init"
 }
 
+# ---------------------------------------------------------------- kiln-run: warmed KILN_ROOT
+if [[ $MODE == kiln-run-* ]]; then
+    KILN_ROOT_DIR=${KILN_ROOT_DIR:-$WORK/kiln-root}
+    mkdir -p "$KILN_ROOT_DIR"
+    KILN_ROOT_DIR=$(cd "$KILN_ROOT_DIR" && pwd)
+    echo "KILN-ROOT $KILN_ROOT_DIR"
+    # nested: QEMU TCG on the host; direct: the vmm backend itself (no QEMU needed there).
+    warm_backend=qemu
+    [[ $MODE == kiln-run-direct ]] && warm_backend=vmm
+    log "warming $KILN_ROOT_DIR: kiln run --backend $warm_backend --rm kiln/default true"
+    t_warm=$EPOCHREALTIME
+    KILN_ROOT=$KILN_ROOT_DIR KILN_VMM=$KILN_VMM timeout -k 5 "$TIMEOUT" \
+        "$KILN_BIN" run --backend "$warm_backend" --rm kiln/default true </dev/null >&2 ||
+        die "warming the KILN_ROOT failed: KILN_ROOT=$KILN_ROOT_DIR $KILN_BIN run --backend $warm_backend --rm kiln/default true"
+    echo "KILN-ROOT-WARM ok backend=$warm_backend secs=$(awk -v a="$t_warm" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.2f", b - a }')"
+fi
+
 # ---------------------------------------------------------------- inner initramfs
+if [[ $MODE != kiln-run-* ]]; then
 NONCE="kiln-host-$(date +%s)-$$-$RANDOM"
 echo "KILN-HOST-NONCE $NONCE"
 INNER_ROOT=$WORK/inner-root
@@ -280,9 +343,10 @@ echo "$NONCE" >"$DISK_ROOT/from-host.txt"
 truncate -s 32M "$WORK/disk.ext4"
 mkfs.ext4 -q -F -L kiln-disk -d "$DISK_ROOT" "$WORK/disk.ext4" ||
     die "mkfs.ext4 -d failed (needs e2fsprogs >= 1.43)"
+fi
 
 # ---------------------------------------------------------------- outer initramfs
-if [[ $MODE == nested || $MODE == outer-check ]]; then
+if [[ $MODE == nested || $MODE == outer-check || $MODE == kiln-run-nested ]]; then
     OUTER_ROOT=$WORK/outer-root
     rm -rf "$OUTER_ROOT"
     busybox_root "$OUTER_ROOT" "$HERE/outer-init.sh"
@@ -291,6 +355,19 @@ if [[ $MODE == nested || $MODE == outer-check ]]; then
     install_modules "$OUTER_ROOT"
     if [[ $MODE == outer-check ]]; then
         echo check >"$OUTER_ROOT/mode"
+    elif [[ $MODE == kiln-run-nested ]]; then
+        echo kiln-run >"$OUTER_ROOT/mode"
+        cp "$KILN_BIN" "$OUTER_ROOT/kiln"
+        cp "$KILN_VMM" "$OUTER_ROOT/kiln-vmm"
+        chmod 0755 "$OUTER_ROOT/kiln" "$OUTER_ROOT/kiln-vmm"
+        cp "$HERE/kiln-run.sh" "$OUTER_ROOT/kiln-run.sh"
+        # kiln grows each VM's copy of the cached image disk with resize2fs (dynamically
+        # linked): copy it with its libraries and loader, at the paths ldd names.
+        copy_with_libs "$OUTER_ROOT" "$(command -v resize2fs || echo /usr/sbin/resize2fs)" /usr/sbin/resize2fs
+        # The warmed KILN_ROOT (kernel, initramfs, image, disk cache), without VM directories.
+        mkdir -p "$OUTER_ROOT/kiln-root"
+        (cd "$KILN_ROOT_DIR" && tar --exclude=./vms -cf - .) | tar -xf - -C "$OUTER_ROOT/kiln-root"
+        echo "KILN-ROOT-COPIED $(du -sh --apparent-size "$OUTER_ROOT/kiln-root" | cut -f1) into the outer initramfs"
     else
         echo kiln >"$OUTER_ROOT/mode"
         echo "$OUTER_DISK" >"$OUTER_ROOT/disk-mode"
@@ -397,6 +474,17 @@ case $MODE in
             -kernel "$KERNEL" -initrd "$WORK/outer-initrd.img" -append "$OUTER_ARGS" \
             -drive "file=$WORK/disk.ext4,format=raw,if=virtio,cache=writeback"
         ;;
+    kiln-run-nested)
+        log "booting the outer VM for kiln run --backend vmm (QEMU TCG, -cpu EPYC, timeout ${TIMEOUT}s)"
+        run_vm qemu-system-x86_64 -accel tcg -cpu EPYC -M pc -m 3072 -smp 1 \
+            -nographic -no-reboot -nic none -pidfile "$WORK/qemu.pid" \
+            -kernel "$KERNEL" -initrd "$WORK/outer-initrd.img" -append "$OUTER_ARGS"
+        ;;
+    kiln-run-direct)
+        log "running kiln run --backend vmm on the host (timeout ${TIMEOUT}s)"
+        run_vm env KILN="$KILN_BIN" KILN_VMM="$KILN_VMM" KILN_ROOT="$KILN_ROOT_DIR" \
+            KILN_RUN_TIMEOUT="$TIMEOUT" sh "$HERE/kiln-run.sh"
+        ;;
     direct)
         log "running kiln-vmm on the host (timeout ${TIMEOUT}s)"
         printf '%s %s\n' "$EPOCHREALTIME" "KILN-VMM-START (host)" >>"$WORK/console.ts"
@@ -432,7 +520,7 @@ echo "==================== kiln nested boot summary ($MODE) ====================
 if [[ $VM_RC == 124 || $VM_RC == 137 ]]; then
     echo "KILN-CHECK FAIL timeout: the VM run hit the ${TIMEOUT}s limit"
     FAILS=$((FAILS + 1))
-elif [[ $MODE != direct && $VM_RC != 0 ]]; then
+elif [[ $MODE != direct && $MODE != kiln-run-direct && $VM_RC != 0 ]]; then
     echo "KILN-CHECK FAIL qemu exited with status $VM_RC (stderr: $WORK/stderr.log)"
     FAILS=$((FAILS + 1))
 fi
@@ -447,7 +535,7 @@ check() { # check REGEX DESCRIPTION
 # first_ts REGEX -> epoch seconds of the first console line matching
 first_ts() { grep -E -m1 -- "^[0-9.]+ .*$1" "$WORK/console.ts" | cut -d' ' -f1 || true; }
 
-if [[ $MODE == nested || $MODE == outer-check ]]; then
+if [[ $MODE == nested || $MODE == outer-check || $MODE == kiln-run-nested ]]; then
     check 'KILN-OUTER-INIT' "outer VM reached /init"
     check 'KILN-OUTER-KVM-READY' "outer VM has /dev/kvm (nested SVM via kvm_amd)"
     check 'KILN-OUTER-DMESG.*Nested Virtualization enabled' "kvm_amd says Nested Virtualization enabled"
@@ -456,7 +544,20 @@ if [[ $MODE == nested ]]; then
     check 'KILN-OUTER-DISK-READY' "outer VM sees the ext4 disk as /dev/vda"
     check 'KILN-VMM-START' "kiln-vmm started in the outer VM"
 fi
-if [[ $MODE != outer-check ]]; then
+if [[ $MODE == kiln-run-* ]]; then
+    check '^KILN-RUN-END echo rc=' "kiln run --backend vmm ... echo hi finished"
+    check '^KILN-RUN-RC echo 0$' "kiln run --backend vmm --rm kiln/default echo hi exited 0"
+    if [[ $(grep '^KILN-RUN-STDOUT echo: ' "$WORK/console.log" | sed 's/^KILN-RUN-STDOUT echo: //') == hi ]]; then
+        echo "KILN-CHECK ok   kiln run --backend vmm ... echo hi printed exactly 'hi' on stdout"
+    else
+        echo "KILN-CHECK FAIL kiln run --backend vmm ... echo hi: stdout is not exactly 'hi' (KILN-RUN-STDOUT echo lines)"
+        FAILS=$((FAILS + 1))
+    fi
+    check '^KILN-RUN-RC exit7 7$' "kiln run --backend vmm --rm kiln/default sh -c 'exit 7' exited 7"
+    check '^KILN-RUN-LEFTOVER-VMS \[\]$' "--rm left no VM directory in KILN_ROOT/vms"
+    check '^KILN-RUN-DONE' "the kiln run script finished"
+fi
+if [[ $MODE != outer-check && $MODE != kiln-run-* ]]; then
     check 'KILN-INNER-INIT' "inner kernel reached the initramfs /init"
     check 'KILN-INNER-MODULE-OK virtio_mmio$' "inner guest loaded virtio_mmio"
     check 'KILN-INNER-MODULE-OK virtio_blk$' "inner guest loaded virtio_blk"
@@ -504,10 +605,22 @@ t_done=$(first_ts 'KILN-INNER-DONE')
 t_exit=$(first_ts 'KILN-VMM-EXIT')
 # The inner kernel's own uptime at /init: inner_boot_s minus this is VMM set-up + decompression.
 inner_up=$(grep -m1 -o -E 'KILN-INNER-INIT uptime=[0-9.]+' "$WORK/console.log" | cut -d= -f2 || true)
-echo "KILN-TIMING total_s=$(secs "$T_START" "$T_END") outer_boot_s=$(secs "$T_START" "$t_outer")" \
-    "kvm_ready_s=$(secs "$T_START" "$t_kvm") inner_boot_s=$(secs "$t_vmm" "$t_inner")" \
-    "inner_kernel_uptime_at_init_s=${inner_up:-n/a}" \
-    "inner_init_to_done_s=$(secs "$t_inner" "$t_done") vmm_total_s=$(secs "$t_vmm" "$t_exit")"
+if [[ $MODE == kiln-run-* ]]; then
+    # kiln run durations, from the /proc/uptime stamps of the KILN-RUN-START/END lines.
+    run_secs() { # run_secs CASE
+        local a b
+        a=$(grep -m1 -o -E "^KILN-RUN-START $1 uptime=[0-9.]+" "$WORK/console.log" | cut -d= -f2 || true)
+        b=$(grep -m1 -o -E "^KILN-RUN-END $1 rc=[0-9]+ uptime=[0-9.]+" "$WORK/console.log" | sed 's/.*uptime=//' || true)
+        secs "$a" "$b"
+    }
+    echo "KILN-RUN-TIMING total_s=$(secs "$T_START" "$T_END") outer_boot_s=$(secs "$T_START" "$t_outer")" \
+        "kvm_ready_s=$(secs "$T_START" "$t_kvm") run_echo_s=$(run_secs echo) run_exit7_s=$(run_secs exit7)"
+else
+    echo "KILN-TIMING total_s=$(secs "$T_START" "$T_END") outer_boot_s=$(secs "$T_START" "$t_outer")" \
+        "kvm_ready_s=$(secs "$T_START" "$t_kvm") inner_boot_s=$(secs "$t_vmm" "$t_inner")" \
+        "inner_kernel_uptime_at_init_s=${inner_up:-n/a}" \
+        "inner_init_to_done_s=$(secs "$t_inner" "$t_done") vmm_total_s=$(secs "$t_vmm" "$t_exit")"
+fi
 if [[ -s $WORK/stderr.log ]]; then
     echo "--- stderr of the VM process (filtered) ---"
     grep -v "TCG doesn't support requested feature" "$WORK/stderr.log" | tail -n 30 || true

@@ -1,0 +1,313 @@
+//! `kiln run --backend vmm` end to end, with `tests/nested/run.sh --kiln-run`.
+//!
+//! run.sh builds static kiln and kiln-vmm, warms a KILN_ROOT on the host (default kernel,
+//! kiln-init initramfs, default image disk: `kiln run --backend qemu --rm kiln/default true`),
+//! then runs `kiln run --backend vmm --rm kiln/default echo hi` (stdout `hi`, exit 0) and
+//! `kiln run --backend vmm --rm kiln/default sh -c 'exit 7'` (exit 7).
+//!
+//! On a host without vmx/svm (kvm_pvm) both runs happen inside an outer VM, QEMU TCG with
+//! `-cpu EPYC`, where Debian's kvm_amd gives a nested /dev/kvm; the KILN_ROOT, kiln, kiln-vmm and
+//! resize2fs travel in its initramfs. On a host with vmx/svm they run directly on the host.
+//!
+//! Skips (printing `SKIPPED:` and the reason) when a prerequisite is missing. Extra run.sh
+//! arguments (e.g. `--timeout 400`) can be given in `KILN_NESTED_VMM_ARGS`.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+/// tests/nested/run.sh in this repository.
+fn run_sh() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/nested/run.sh")
+}
+
+/// Whether `name` is an executable in `PATH` (or /usr/sbin, /sbin).
+fn in_path(name: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .any(|dir| {
+            let candidate = dir.join(name);
+            candidate.is_file()
+                && std::fs::metadata(&candidate)
+                    .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0)
+                    .unwrap_or(false)
+        })
+}
+
+/// Whether the host CPU has hardware virtualization (then kiln-vmm runs without an outer VM).
+fn host_has_vmx_or_svm() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|info| {
+            info.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        })
+        .unwrap_or(false)
+}
+
+/// Why the test cannot run here, if it cannot.
+fn missing_prerequisites(direct: bool) -> Option<String> {
+    let mut missing = Vec::new();
+    let mut tools = vec![
+        ("busybox", "busybox-static"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("resize2fs", "e2fsprogs"),
+        ("debugfs", "e2fsprogs"),
+        ("cpio", "cpio"),
+        ("gzip", "gzip"),
+        ("tar", "tar"),
+        ("timeout", "coreutils"),
+        ("bash", "bash"),
+        ("cargo", "cargo (rustup)"),
+    ];
+    if !direct {
+        tools.push(("qemu-system-x86_64", "qemu-system-x86"));
+    }
+    for (tool, package) in tools {
+        if !in_path(tool) {
+            missing.push(format!("`{tool}` (apt-get install {package})"));
+        }
+    }
+    let kernel = std::fs::read_dir("/boot")
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| {
+                    let name = p.file_name().unwrap_or_default().to_string_lossy();
+                    name.starts_with("vmlinuz-") && name.ends_with("-cloud-amd64")
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    if kernel.is_empty() {
+        missing.push(
+            "/boot/vmlinuz-*-cloud-amd64 (apt-get install linux-image-cloud-amd64)".to_string(),
+        );
+    } else if kernel.iter().all(|k| std::fs::File::open(k).is_err()) {
+        missing.push(format!(
+            "a readable kernel ({} is mode 0600: run as root or chmod 0644 it)",
+            kernel[0].display()
+        ));
+    }
+    if direct && !Path::new("/dev/kvm").exists() {
+        missing.push("/dev/kvm (the host has vmx/svm but no kvm module loaded)".to_string());
+    }
+    if missing.is_empty() {
+        None
+    } else {
+        Some(missing.join(", "))
+    }
+}
+
+/// The output of one run.sh invocation.
+struct Run {
+    /// Console lines and run.sh's own lines (stdout), in order.
+    lines: Vec<String>,
+    /// run.sh's stderr (build output, errors).
+    stderr: String,
+    /// run.sh's exit status.
+    status: std::process::ExitStatus,
+    /// The reproduction command.
+    command: String,
+}
+
+impl Run {
+    /// The first line containing `needle`.
+    fn find(&self, needle: &str) -> Option<&str> {
+        self.lines
+            .iter()
+            .map(String::as_str)
+            .find(|l| l.contains(needle))
+    }
+
+    /// Fails with `what`, the console tail and the command to reproduce.
+    fn fail(&self, what: &str) -> ! {
+        let start = self.lines.len().saturating_sub(120);
+        let stderr_tail: Vec<&str> = self.stderr.lines().rev().take(15).collect();
+        let stderr_tail: Vec<&str> = stderr_tail.into_iter().rev().collect();
+        panic!(
+            "{what}\n--- last console lines ---\n{}\n--- run.sh stderr (tail) ---\n{}\n\
+             --- run.sh exit: {} ---\nreproduce with: {}",
+            self.lines[start..].join("\n"),
+            stderr_tail.join("\n"),
+            self.status,
+            self.command
+        );
+    }
+
+    /// The first line containing `needle`, or a failure explaining `what` is missing.
+    fn expect(&self, needle: &str, what: &str) -> &str {
+        match self.find(needle) {
+            Some(line) => line,
+            None => self.fail(&format!("{what}: no console line contains `{needle}`")),
+        }
+    }
+
+    /// The lines starting with `prefix`, with it removed.
+    fn after(&self, prefix: &str) -> Vec<&str> {
+        self.lines
+            .iter()
+            .filter_map(|l| l.strip_prefix(prefix))
+            .collect()
+    }
+}
+
+/// Runs run.sh, echoing its output live to stderr (visible with `--nocapture`).
+fn run(args: &[String]) -> Run {
+    let script = run_sh();
+    assert!(script.is_file(), "{} is missing", script.display());
+    let command = format!("bash {} {}", script.display(), args.join(" "));
+    eprintln!("nested_vmm: running {command}");
+    let mut child = Command::new("bash")
+        .arg(&script)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn bash tests/nested/run.sh (is bash installed?)");
+    let mut stderr_pipe = child.stderr.take().expect("run.sh stderr is piped");
+    let stderr_thread = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match stderr_pipe.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    eprint!("{}", String::from_utf8_lossy(&chunk[..n]));
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+            }
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    });
+    let stdout = child.stdout.take().expect("run.sh stdout is piped");
+    let mut lines = Vec::new();
+    for line in BufReader::new(stdout).split(b'\n') {
+        let line = line.expect("read run.sh stdout");
+        let line = String::from_utf8_lossy(&line).trim_end().to_string();
+        eprintln!("{line}");
+        lines.push(line);
+    }
+    let status = child.wait().expect("wait for run.sh");
+    let stderr = stderr_thread.join().expect("stderr reader thread");
+    Run {
+        lines,
+        stderr,
+        status,
+        command,
+    }
+}
+
+/// Value of `key=` in a timing line.
+fn timing<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|field| field.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or("n/a")
+}
+
+#[test]
+fn kiln_run_backend_vmm_echo_and_exit_status() {
+    let direct = host_has_vmx_or_svm();
+    if let Some(why) = missing_prerequisites(direct) {
+        eprintln!("SKIPPED: kiln run --backend vmm end to end needs {why}");
+        return;
+    }
+
+    let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join("nested-vmm");
+    let mut args = vec![
+        "--kiln-run".to_string(),
+        "--keep".to_string(),
+        work.display().to_string(),
+    ];
+    if let Ok(extra) = std::env::var("KILN_NESTED_VMM_ARGS") {
+        args.extend(extra.split_whitespace().map(str::to_string));
+    }
+
+    let started = Instant::now();
+    let run = run(&args);
+    let elapsed = started.elapsed();
+
+    if run.status.code() == Some(2) || run.find("KILN-MODE").is_none() {
+        run.fail("run.sh could not set the test up (see its error above)");
+    }
+    let mode = run
+        .expect("KILN-MODE ", "run.sh did not say which mode it ran")
+        .trim_start_matches("KILN-MODE ")
+        .to_string();
+    run.expect(
+        "KILN-ROOT-WARM ok",
+        "warming the KILN_ROOT on the host failed",
+    );
+
+    if mode == "kiln-run-nested" {
+        run.expect("KILN-OUTER-INIT", "the outer VM did not reach its /init");
+        if let Some(line) = run.find("KILN-OUTER-KVM-MISSING") {
+            run.fail(&format!("the outer VM has no nested /dev/kvm: {line}"));
+        }
+        run.expect(
+            "KILN-OUTER-KVM-READY",
+            "the outer VM did not get /dev/kvm from kvm_amd",
+        );
+    } else {
+        assert_eq!(mode, "kiln-run-direct", "unexpected run.sh mode");
+    }
+
+    // kiln run --backend vmm --rm kiln/default echo hi
+    run.expect(
+        "KILN-RUN-END echo ",
+        "`kiln run --backend vmm ... echo hi` did not finish",
+    );
+    let echo_rc = run
+        .after("KILN-RUN-RC echo ")
+        .first()
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    if echo_rc != "0" {
+        run.fail(&format!(
+            "`kiln run --backend vmm --rm kiln/default echo hi` exited {echo_rc}, not 0 \
+             (its stderr is in the KILN-RUN-STDERR echo lines, diagnostics in KILN-RUN-DIAG)"
+        ));
+    }
+    let stdout = run.after("KILN-RUN-STDOUT echo: ");
+    if stdout != ["hi"] {
+        run.fail(&format!(
+            "`kiln run --backend vmm ... echo hi` printed {stdout:?} on stdout, not [\"hi\"]"
+        ));
+    }
+
+    // kiln run --backend vmm --rm kiln/default sh -c 'exit 7'
+    let exit7_rc = run
+        .after("KILN-RUN-RC exit7 ")
+        .first()
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    if exit7_rc != "7" {
+        run.fail(&format!(
+            "`kiln run --backend vmm --rm kiln/default sh -c 'exit 7'` exited {exit7_rc:?}, not 7"
+        ));
+    }
+    run.expect(
+        "KILN-RUN-LEFTOVER-VMS []",
+        "`kiln run --rm` left VM directories behind",
+    );
+    run.expect("KILN-NESTED-RESULT PASS", "run.sh's own checks failed");
+    if !run.status.success() {
+        run.fail("run.sh exited non-zero");
+    }
+
+    let timings = run.find("KILN-RUN-TIMING").unwrap_or("KILN-RUN-TIMING n/a");
+    let warm = run.find("KILN-ROOT-WARM").unwrap_or("");
+    eprintln!(
+        "nested_vmm: mode {mode}; warm-up on the host {} s; outer VM boot to /init {} s; \
+         kiln run echo hi {} s; kiln run exit 7 {} s; VM run {} s; whole test (with build) {:.1} s",
+        timing(warm, "secs"),
+        timing(timings, "outer_boot_s"),
+        timing(timings, "run_echo_s"),
+        timing(timings, "run_exit7_s"),
+        timing(timings, "total_s"),
+        elapsed.as_secs_f64()
+    );
+}
