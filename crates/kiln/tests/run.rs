@@ -81,7 +81,6 @@ impl Root {
         command
             .args(args)
             .env("KILN_ROOT", &self.dir)
-            .env("KILN_BACKEND", "qemu")
             .stdin(Stdio::null());
         command
     }

@@ -298,6 +298,14 @@ fn announce_backend(options: &CreateOptions, choice: &str) {
     if choice == "auto" {
         eprintln!("kiln: backend {}", options.backend_reason);
     }
+    if options.backend == kiln_engine::backend::BackendKind::Vmm
+        && options.network == NetworkMode::User
+    {
+        eprintln!(
+            "kiln: the vmm backend has no outbound network yet: the VM gets loopback only \
+             (use --backend qemu for user-mode networking)"
+        );
+    }
 }
 
 /// `kiln run`: create, start, attach; the exit code is the main process's.
