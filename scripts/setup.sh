@@ -10,6 +10,7 @@ packages=(
     e2fsprogs             # mkfs.ext4 -d and debugfs: disk images without mounting
     socat
     iproute2              # network namespaces and taps for the virtio-net tests
+    nftables              # nft: kiln's NAT table for --network bridge
     docker-registry apache2-utils  # a real OCI registry (htpasswd -B for its auth) for kiln-image's tests
     openssl               # keys and signed tokens for the registry's bearer-token auth test
     skopeo umoci          # the baseline of bench/images.py

@@ -37,7 +37,7 @@ use sha2::{Digest, Sha256};
 
 /// The schema version this kiln writes and understands (`PRAGMA user_version`). Bump it with a
 /// new step in `migrate` whenever the schema changes, so older databases are upgraded in place.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// The database's file name inside the kiln root, so tools and tests can find it.
 pub const DB_FILE_NAME: &str = "state.db";
@@ -471,6 +471,15 @@ CREATE TABLE vms (
 CREATE INDEX vms_status ON vms (status);
 ";
 
+/// Schema version 2: network address leases (bridge networking). The primary key makes an
+/// address belong to one VM at most; the cascade releases it with the VM's record.
+const SCHEMA_V2: &str = "
+CREATE TABLE leases (
+    address TEXT NOT NULL PRIMARY KEY,
+    vm_id   TEXT NOT NULL UNIQUE REFERENCES vms (id) ON DELETE CASCADE
+);
+";
+
 /// The columns every record query selects, in the order [`read_row`] reads them.
 const COLUMNS: &str = "id, name, image, image_digest, kernel, backend, spec, dir, status, \
                        exit_code, status_reason, supervisor_pid, vmm_pid, created_at, \
@@ -592,7 +601,11 @@ impl StateStore {
             tx.execute_batch(SCHEMA_V1)
                 .ctx("creating the state database schema (version 1)")?;
         }
-        // Later versions: `if current < 2 { ... }` here.
+        if current < 2 {
+            tx.execute_batch(SCHEMA_V2)
+                .ctx("adding address leases to the state database (version 2)")?;
+        }
+        // Later versions: `if current < 3 { ... }` here.
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .ctx("recording the schema version")?;
         tx.commit().ctx("committing the schema migration")?;
@@ -813,6 +826,66 @@ impl StateStore {
         tx.execute("DELETE FROM vms WHERE id = ?1", [&record.id])
             .ctx("removing a VM record")?;
         tx.commit().ctx("committing the removal of a VM record")?;
+        Ok(())
+    }
+
+    /// Leases a network address to VM `id`: its existing lease, or `pick(taken)` where `taken`
+    /// is every address leased to any VM. Runs in one IMMEDIATE transaction, so concurrent
+    /// callers never get the same address. `Ok(None)`: `pick` found no free address.
+    pub fn lease_address(
+        &self,
+        id: &str,
+        pick: impl FnOnce(&std::collections::HashSet<String>) -> Option<String>,
+    ) -> Result<Option<String>, StateError> {
+        let tx = self.immediate("leasing a network address")?;
+        let record = resolve(&tx, id)?;
+        let taken: std::collections::HashSet<String> = {
+            let mut statement = tx
+                .prepare("SELECT address, vm_id FROM leases")
+                .ctx("reading the address leases")?;
+            let rows = statement
+                .query_map([], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+                })
+                .ctx("reading the address leases")?;
+            let mut taken = std::collections::HashSet::new();
+            for row in rows {
+                let (address, vm_id) = row.ctx("reading the address leases")?;
+                if vm_id == record.id {
+                    return Ok(Some(address));
+                }
+                taken.insert(address);
+            }
+            taken
+        };
+        let Some(address) = pick(&taken) else {
+            return Ok(None);
+        };
+        tx.execute(
+            "INSERT INTO leases (address, vm_id) VALUES (?1, ?2)",
+            params![address, record.id],
+        )
+        .ctx("recording an address lease")?;
+        tx.commit().ctx("committing an address lease")?;
+        Ok(Some(address))
+    }
+
+    /// The address leased to VM `id` (full ID), if any.
+    pub fn leased_address(&self, id: &str) -> Result<Option<String>, StateError> {
+        self.conn
+            .query_row("SELECT address FROM leases WHERE vm_id = ?1", [id], |row| {
+                row.get(0)
+            })
+            .optional()
+            .ctx("reading an address lease")
+    }
+
+    /// Releases VM `id`'s (full ID) address lease, if it has one. Removing the VM's record
+    /// releases it too.
+    pub fn release_address(&self, id: &str) -> Result<(), StateError> {
+        self.conn
+            .execute("DELETE FROM leases WHERE vm_id = ?1", [id])
+            .ctx("releasing an address lease")?;
         Ok(())
     }
 }
@@ -1193,4 +1266,43 @@ fn generate_name(conn: &Connection) -> Result<String, StateError> {
     Err(StateError::Exhausted(
         "could not generate an unused VM name after 200 tries; give one with --name".to_string(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A version-1 database (with a VM in it) is migrated in place to version 2, and its VMs
+    /// can lease addresses.
+    #[test]
+    fn version_1_databases_gain_leases() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::open(root.path()).expect("open");
+        let record = store
+            .create(&NewVm {
+                name: Some("old".into()),
+                image: "i".into(),
+                image_digest: "d".into(),
+                kernel: "k".into(),
+                backend: "qemu".into(),
+                spec: serde_json::Value::Null,
+                dir: PathBuf::new(),
+            })
+            .expect("create");
+        store
+            .conn
+            .execute_batch("DROP TABLE leases; PRAGMA user_version = 1;")
+            .expect("make it version 1");
+        drop(store);
+        let store = StateStore::open(root.path()).expect("reopen");
+        assert_eq!(store.user_version().expect("version"), SCHEMA_VERSION);
+        let address = store
+            .lease_address("old", |_| Some("10.88.0.2".into()))
+            .expect("lease");
+        assert_eq!(address.as_deref(), Some("10.88.0.2"));
+        assert_eq!(
+            store.leased_address(&record.id).expect("get").as_deref(),
+            Some("10.88.0.2")
+        );
+    }
 }

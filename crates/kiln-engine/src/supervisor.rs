@@ -22,7 +22,7 @@ use kiln_agent_protocol::{
     Stream, MAX_CHUNK, PROTOCOL_VERSION, WINDOW,
 };
 
-use crate::backend::{backend, LaunchSpec, Launched};
+use crate::backend::{backend, LaunchSpec, Launched, NetworkMode};
 use crate::control::{log_tag, ControlEvent, ControlRequest};
 use crate::error::{EngineError, Result};
 use crate::state::{StateStore, VmStatus};
@@ -131,7 +131,7 @@ pub fn run(kiln_root: &Path, id: &str, wait_attach: bool) -> Result<()> {
             record.short_id()
         )));
     }
-    let result = supervise(&state, &record.id, &paths, &spec, wait_attach);
+    let result = supervise(kiln_root, &state, &record.id, &paths, &spec, wait_attach);
     let (exit_code, reason) = match &result {
         Ok(outcome) => outcome.clone(),
         Err(e) => (None, format!("failed: {e}")),
@@ -174,6 +174,7 @@ fn write_log_record(file: &mut File, tag: u8, data: &[u8]) -> std::io::Result<()
 
 /// Boots the VM, runs it to the end and returns (exit code, reason).
 fn supervise(
+    kiln_root: &Path,
     state: &StateStore,
     id: &str,
     paths: &VmPaths,
@@ -221,6 +222,17 @@ fn supervise(
 
     let backend = backend(spec.backend);
     backend.check()?;
+    // The tap lives until this function returns, after the hypervisor has ended.
+    let (_tap, bridge) = match spec.network {
+        NetworkMode::Bridge => {
+            let address = spec.address.as_deref().ok_or_else(|| {
+                EngineError::Invalid(format!("VM {id} has no leased address: recreate it"))
+            })?;
+            let (tap, attachment) = crate::network::attach(kiln_root, id, address)?;
+            (Some(tap), Some(attachment))
+        }
+        _ => (None, None),
+    };
     let launch = LaunchSpec {
         dir: paths.dir.clone(),
         kernel: spec.boot.kernel.clone(),
@@ -230,6 +242,7 @@ fn supervise(
         vcpus: spec.vcpus,
         memory_mib: spec.memory_mib,
         network: spec.network,
+        bridge,
     };
     // Launched from this (the main) thread: the hypervisor's parent-death signal fires when
     // the thread that forked it ends, and this one lives as long as the process.

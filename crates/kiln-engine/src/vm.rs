@@ -85,6 +85,10 @@ pub struct VmSpec {
     pub backend_reason: String,
     /// Networking.
     pub network: NetworkMode,
+    /// With [`NetworkMode::Bridge`]: the leased `ADDRESS/PREFIX` (the lease itself is in the
+    /// state store, which keeps it unique).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
     /// Remove the VM when it stops.
     pub auto_remove: bool,
     /// The guest's hostname.
@@ -185,6 +189,9 @@ impl Engine {
             )));
         }
         backend(options.backend).check()?;
+        if options.network == NetworkMode::Bridge {
+            crate::network::check_prerequisites()?;
+        }
         // The kernel first: cheap to check, and a missing kernel should fail before a pull.
         let kernels = KernelStore::open(&self.root)?;
         let kernel = match &options.kernel {
@@ -245,6 +252,10 @@ impl Engine {
                 options.disk_size
             };
             cache.vm_disk(&image_id, &paths.disk, size)?;
+            let address = match options.network {
+                NetworkMode::Bridge => Some(self.lease_address(&record.id)?),
+                _ => None,
+            };
             let spec = VmSpec {
                 process,
                 vcpus: options.vcpus,
@@ -253,6 +264,7 @@ impl Engine {
                 backend: options.backend,
                 backend_reason: options.backend_reason.clone(),
                 network: options.network,
+                address,
                 auto_remove: options.auto_remove,
                 hostname: record.short_id().to_string(),
                 boot: boot.into(),
@@ -274,6 +286,22 @@ impl Engine {
                 Err(e)
             }
         }
+    }
+
+    /// Leases VM `id` an address on the bridge subnet (`KILN_SUBNET`), as `ADDRESS/PREFIX`.
+    /// Removing the record releases it.
+    fn lease_address(&self, id: &str) -> Result<String> {
+        let subnet = crate::network::Subnet::from_env()?;
+        let address = self
+            .state
+            .lease_address(id, |taken| subnet.pick_free(taken).map(|a| a.to_string()))?
+            .ok_or_else(|| {
+                EngineError::Conflict(format!(
+                    "no free address left in {subnet}: remove VMs (kiln rm, kiln system prune) \
+                     or set KILN_SUBNET to a larger subnet"
+                ))
+            })?;
+        Ok(format!("{address}/{}", subnet.prefix()))
     }
 
     /// Starts VM `record` by spawning its supervisor, and waits until its control socket
@@ -387,6 +415,8 @@ impl Engine {
             if let Some(pid) = updated.vmm_pid {
                 kill_if_ours(pid, &record.dir);
             }
+            // Its tap, if it had one (a supervisor killed with -9 cannot remove it).
+            let _ = crate::network::delete_tap(&crate::network::tap_name(&record.id));
             return Ok(updated);
         }
         Ok(record.clone())
@@ -492,6 +522,8 @@ impl Engine {
         if let Some(pid) = record.vmm_pid {
             kill_if_ours(pid, &record.dir);
         }
+        // A supervisor that died cannot have removed its tap.
+        crate::network::delete_tap(&crate::network::tap_name(&record.id))?;
         if record.dir.as_os_str().len() > 1 && record.dir.starts_with(self.root.join("vms")) {
             match std::fs::remove_dir_all(&record.dir) {
                 Ok(()) => {}
@@ -523,6 +555,7 @@ impl Engine {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().to_string();
                 if !known.contains(&name) && !lock_held(&entry.path()) {
+                    let _ = crate::network::delete_tap(&crate::network::tap_name(&name));
                     let _ = std::fs::remove_dir_all(entry.path());
                     removed.push(name);
                 }

@@ -132,6 +132,19 @@ pub enum NetworkMode {
     /// no root needed.
     #[default]
     User,
+    /// A tap device on the host's NAT bridge `kiln0` (see [`crate::network`]): an address of
+    /// its own, reachable from the host and the other VMs; needs root.
+    Bridge,
+}
+
+impl fmt::Display for NetworkMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NetworkMode::None => "none",
+            NetworkMode::User => "user",
+            NetworkMode::Bridge => "bridge",
+        })
+    }
 }
 
 /// Everything a backend needs to boot one VM.
@@ -153,6 +166,8 @@ pub struct LaunchSpec {
     pub memory_mib: u32,
     /// Networking.
     pub network: NetworkMode,
+    /// With [`NetworkMode::Bridge`]: the tap (made by the caller) and the guest's address.
+    pub bridge: Option<crate::network::BridgeAttachment>,
 }
 
 /// A started hypervisor process.

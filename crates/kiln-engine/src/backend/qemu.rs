@@ -142,6 +142,20 @@ impl Backend for QemuBackend {
             });
             guest_config.nameservers.push("10.0.2.3".into());
         }
+        if spec.network == NetworkMode::Bridge {
+            let bridge = spec.bridge.as_ref().ok_or_else(|| {
+                EngineError::Backend("bridge network without a tap device".into())
+            })?;
+            command
+                .arg("-netdev")
+                .arg(format!(
+                    "tap,id=net0,ifname={},script=no,downscript=no",
+                    qemu_escape(&bridge.tap)
+                ))
+                .arg("-device")
+                .arg(format!("virtio-net-device,netdev=net0,mac={}", bridge.mac));
+            bridge.configure_guest(&mut guest_config);
+        }
         let stderr = std::fs::File::create(spec.dir.join("hypervisor.log"))
             .map_err(|e| EngineError::io("create", spec.dir.join("hypervisor.log"), e))?;
         command

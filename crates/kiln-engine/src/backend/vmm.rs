@@ -12,7 +12,7 @@ use kiln_agent_protocol::{GuestConfig, VSOCK_PORT};
 
 use super::{
     die_with_parent, find_program, kvm_support, AgentTransport, Backend, BackendKind, KvmSupport,
-    LaunchSpec, Launched, BASE_CMDLINE,
+    LaunchSpec, Launched, NetworkMode, BASE_CMDLINE,
 };
 use crate::error::{EngineError, Result};
 
@@ -68,6 +68,19 @@ impl Backend for VmmBackend {
             boot_args.push(' ');
             boot_args.push_str(&spec.extra_cmdline);
         }
+        let mut guest_config = GuestConfig::default();
+        let mut network_interfaces = Vec::new();
+        if spec.network == NetworkMode::Bridge {
+            let bridge = spec.bridge.as_ref().ok_or_else(|| {
+                EngineError::Backend("bridge network without a tap device".into())
+            })?;
+            network_interfaces.push(serde_json::json!({
+                "iface_id": "eth0",
+                "host_dev_name": bridge.tap,
+                "guest_mac": bridge.mac,
+            }));
+            bridge.configure_guest(&mut guest_config);
+        }
         let config = serde_json::json!({
             "boot-source": {
                 "kernel_image_path": spec.kernel,
@@ -89,6 +102,7 @@ impl Backend for VmmBackend {
                 "uds_path": vsock_socket,
             },
             "entropy": {},
+            "network-interfaces": network_interfaces,
         });
         let config_path = spec.dir.join("vmm.json");
         let text = serde_json::to_vec_pretty(&config)
@@ -115,7 +129,7 @@ impl Backend for VmmBackend {
                 socket: vsock_socket,
                 port: VSOCK_PORT,
             }),
-            guest_config: GuestConfig::default(),
+            guest_config,
         })
     }
 }

@@ -66,8 +66,10 @@ pub struct CreateArgs {
     /// Hypervisor: auto, vmm (kiln-vmm, needs vmx/svm) or qemu.
     #[arg(long, default_value = "auto")]
     backend: String,
-    /// Network: user (outbound NAT, default) or none.
-    #[arg(long, default_value = "user")]
+    /// Network: bridge (the NAT bridge kiln0, an address of the VM's own from KILN_SUBNET,
+    /// default 10.88.0.0/16; needs root, iproute2 and nftables), user (QEMU's user-mode NAT,
+    /// qemu backend only) or none. Default: bridge with the vmm backend, user with qemu.
+    #[arg(long, default_value = "default")]
     network: String,
     /// Registries to reach over plain HTTP when pulling.
     #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
@@ -252,10 +254,26 @@ fn create_options(args: &CreateArgs) -> anyhow::Result<CreateOptions> {
     };
     let choice: BackendChoice = args.backend.parse()?;
     let (backend, reason) = choose_backend(choice);
+    let vmm = backend == kiln_engine::backend::BackendKind::Vmm;
     let network = match args.network.as_str() {
-        "user" | "default" => NetworkMode::User,
+        "bridge" => NetworkMode::Bridge,
+        "user" if vmm => bail!(
+            "the vmm backend has no user-mode network: use --network bridge (its default) or none"
+        ),
+        "user" => NetworkMode::User,
         "none" => NetworkMode::None,
-        other => bail!("unknown --network {other:?}: use user or none"),
+        "default" if !vmm => NetworkMode::User,
+        "default" => match kiln_engine::network::check_prerequisites() {
+            Ok(()) => NetworkMode::Bridge,
+            Err(e) => {
+                eprintln!(
+                    "kiln: no bridge network, the VM gets loopback only ({e}; --network none \
+                     silences this)"
+                );
+                NetworkMode::None
+            }
+        },
+        other => bail!("unknown --network {other:?}: use bridge, user or none"),
     };
     let mut env = Vec::new();
     for file in &args.env_file {
@@ -297,14 +315,6 @@ fn create_options(args: &CreateArgs) -> anyhow::Result<CreateOptions> {
 fn announce_backend(options: &CreateOptions, choice: &str) {
     if choice == "auto" {
         eprintln!("kiln: backend {}", options.backend_reason);
-    }
-    if options.backend == kiln_engine::backend::BackendKind::Vmm
-        && options.network == NetworkMode::User
-    {
-        eprintln!(
-            "kiln: the vmm backend has no outbound network yet: the VM gets loopback only \
-             (use --backend qemu for user-mode networking)"
-        );
     }
 }
 

@@ -1,0 +1,440 @@
+//! `kiln run --network bridge` end to end: the real `kiln` binary boots Debian's cloud kernel
+//! under QEMU (TCG here) on the NAT bridge `kiln0`.
+//!
+//! The bridge, the nftables table and IPv4 forwarding are host-global, so every test first
+//! moves its own thread into a fresh network namespace (`unshare(CLONE_NEWNET)` affects only
+//! the calling thread; the kiln processes it starts, their supervisors and hypervisors inherit
+//! it). The host's network is never touched, and tests cannot collide with each other. Each
+//! test has its own kiln root too. No test needs outbound internet.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Why these tests cannot run here, if they cannot.
+fn missing_prerequisite() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("bridge networking needs root (network namespaces, taps, nftables)".into());
+    }
+    if !Path::new("/usr/bin/qemu-system-x86_64").exists() {
+        return Some(
+            "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)".into(),
+        );
+    }
+    let has_kernel = std::fs::read_dir("/boot")
+        .map(|d| {
+            d.flatten().any(|e| {
+                let n = e.file_name().to_string_lossy().to_string();
+                n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64")
+            })
+        })
+        .unwrap_or(false);
+    if !has_kernel {
+        return Some(
+            "Debian's cloud kernel is not installed (apt-get install linux-image-cloud-amd64)"
+                .into(),
+        );
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Some("/dev/net/tun is missing (modprobe tun)".into());
+    }
+    for (tool, package) in [("ip", "iproute2"), ("nft", "nftables")] {
+        let found = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+            .iter()
+            .any(|d| Path::new(d).join(tool).exists());
+        if !found {
+            return Some(format!(
+                "{tool} is not installed (apt-get install {package})"
+            ));
+        }
+    }
+    None
+}
+
+/// Moves the calling thread into a new network namespace with loopback up.
+fn enter_network_namespace() -> Result<(), String> {
+    // SAFETY: unshare has no memory-safety preconditions; CLONE_NEWNET is per thread.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(format!(
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let out = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .output()
+        .map_err(|e| format!("ip: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("ip link set lo up: {}", text(&out.stderr)));
+    }
+    Ok(())
+}
+
+macro_rules! require_prerequisites {
+    () => {
+        if let Some(why) = missing_prerequisite() {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+        if let Err(why) = enter_network_namespace() {
+            eprintln!("SKIPPED: no private network namespace: {why}");
+            return;
+        }
+    };
+}
+
+/// A kiln root directory, removed (after `rm -f` of its VMs) on drop.
+struct Root {
+    dir: PathBuf,
+}
+
+impl Root {
+    fn new(name: &str) -> Root {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "kiln-net-{name}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create kiln root");
+        Root { dir }
+    }
+
+    fn kiln(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .env("KILN_ROOT", &self.dir)
+            .env_remove("KILN_SUBNET")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kiln")
+    }
+
+    /// `kiln run` on the bridge with the QEMU backend and `args` after the flags.
+    fn run(&self, args: &[&str]) -> Output {
+        let mut all = vec!["run", "--backend", "qemu", "--network", "bridge"];
+        all.extend_from_slice(args);
+        self.kiln(&all)
+    }
+
+    fn inspect(&self, vm: &str) -> serde_json::Value {
+        let out = self.kiln(&["inspect", vm]);
+        assert!(out.status.success(), "inspect {vm}: {}", describe(&out));
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect json");
+        list[0].clone()
+    }
+
+    fn wait_status(&self, vm: &str, status: &str, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let record = self.inspect(vm);
+            if record["status"] == status {
+                return record;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "VM {vm} did not reach {status}: {record}\nconsole:\n{}",
+                text(&self.kiln(&["logs", "--console", vm]).stdout)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Root {
+    fn drop(&mut self) {
+        let out = self.kiln(&["ps", "-a", "-q"]);
+        for id in text(&out.stdout).lines() {
+            let _ = self.kiln(&["rm", "-f", id]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr)
+    )
+}
+
+/// The kiln tap devices in this thread's network namespace.
+fn taps() -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["-o", "link"])
+        .output()
+        .expect("ip -o link");
+    text(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|name| name.split('@').next().unwrap_or(name).to_string())
+        .filter(|name| name.starts_with("kiln-"))
+        .collect()
+}
+
+/// The address (without prefix) `kiln inspect` shows for a bridge VM.
+fn address_of(record: &serde_json::Value) -> String {
+    let cidr = record["spec"]["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no address in {record}"));
+    let (address, prefix) = cidr.split_once('/').expect("ADDRESS/PREFIX");
+    assert_eq!(prefix, "16", "{cidr}");
+    address.to_string()
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+#[test]
+fn bridge_gives_address_route_and_reaches_the_host() {
+    require_prerequisites!();
+    let root = Root::new("basic");
+    // The host side of the bridge: a listener in this namespace (any address, so it can be
+    // bound before kiln makes 10.88.0.1).
+    let listener = TcpListener::bind("0.0.0.0:0").expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let server = std::thread::spawn(move || {
+        let (stream, peer) = listener.accept().expect("accept");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line).expect("read");
+        (&stream).write_all(b"pong\n").expect("write");
+        (peer, line)
+    });
+    let script = format!(
+        "ip addr show eth0; ip route; cat /etc/resolv.conf; echo ping | nc 10.88.0.1 {port}"
+    );
+    let out = root.run(&["--rm", "kiln/default", "sh", "-c", &script]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("inet 10.88.0.2/16"),
+        "eth0 has the first leased address: {stdout}"
+    );
+    assert!(
+        stdout.contains("link/ether 02:6b:0a:58:00:02"),
+        "the MAC is derived from the address: {stdout}"
+    );
+    assert!(
+        stdout.contains("default via 10.88.0.1 dev eth0"),
+        "default route via the bridge: {stdout}"
+    );
+    assert!(stdout.contains("nameserver "), "DNS configured: {stdout}");
+    assert!(
+        stdout.contains("pong"),
+        "the guest reached the host at 10.88.0.1:{port}: {stdout}"
+    );
+    let (peer, line) = server.join().expect("server");
+    assert_eq!(line, "ping\n");
+    assert_eq!(
+        peer.ip().to_string(),
+        "10.88.0.2",
+        "no NAT inside the subnet"
+    );
+
+    // The host side: bridge with the gateway, forwarding, kiln's nft table; no tap left.
+    let addr = Command::new("ip")
+        .args(["-o", "-4", "addr", "show", "dev", "kiln0"])
+        .output()
+        .expect("ip addr");
+    assert!(text(&addr.stdout).contains("10.88.0.1/16"), "{addr:?}");
+    let forward = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").expect("sysctl");
+    assert_eq!(forward.trim(), "1");
+    let nft = Command::new("nft")
+        .args(["list", "table", "ip", "kiln"])
+        .output()
+        .expect("nft");
+    assert!(
+        text(&nft.stdout).contains("ip saddr 10.88.0.0/16 ip daddr != 10.88.0.0/16 masquerade"),
+        "{}",
+        describe(&nft)
+    );
+    assert_eq!(taps(), Vec::<String>::new(), "--rm removed the tap");
+
+    // Idempotent: a second VM reuses bridge, address and rule (exactly one rule).
+    let out = root.run(&["--rm", "kiln/default", "true"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let nft = Command::new("nft")
+        .args(["list", "table", "ip", "kiln"])
+        .output()
+        .expect("nft");
+    assert_eq!(text(&nft.stdout).matches("masquerade").count(), 1);
+    assert_eq!(taps(), Vec::<String>::new());
+}
+
+#[test]
+fn two_vms_get_different_addresses_and_reach_each_other() {
+    require_prerequisites!();
+    let root = Root::new("pair");
+    for name in ["net-a", "net-b"] {
+        let out = root.run(&[
+            "-d",
+            "--memory",
+            "256M",
+            "--name",
+            name,
+            "kiln/default",
+            "sleep",
+            "600",
+        ]);
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+    let a = address_of(&root.wait_status("net-a", "running", Duration::from_secs(180)));
+    let b = address_of(&root.wait_status("net-b", "running", Duration::from_secs(180)));
+    assert_ne!(a, b, "distinct leases");
+    assert_eq!(taps().len(), 2, "one tap each: {:?}", taps());
+
+    let out = root.kiln(&["exec", "net-a", "ping", "-c", "1", "-W", "10", &b]);
+    assert!(out.status.success(), "a pings b: {}", describe(&out));
+    // TCP between them: b listens (nc -l in the background), a connects.
+    let out = root.kiln(&[
+        "exec",
+        "net-b",
+        "sh",
+        "-c",
+        "(nc -l -p 7000 > /tmp/got &) ; sleep 0.5",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = root.kiln(&[
+        "exec",
+        "net-a",
+        "sh",
+        "-c",
+        &format!("echo hello-from-a | nc -w 5 {b} 7000"),
+    ]);
+    assert!(out.status.success(), "a connects to b: {}", describe(&out));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = root.kiln(&["exec", "net-b", "cat", "/tmp/got"]);
+        if text(&out.stdout) == "hello-from-a\n" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b got: {}", describe(&out));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // rm -f: taps gone, leases released (the lowest one is taken again).
+    for name in ["net-a", "net-b"] {
+        let out = root.kiln(&["rm", "-f", name]);
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+    assert_eq!(taps(), Vec::<String>::new(), "rm -f removed the taps");
+    let out = root.run(&[
+        "--rm",
+        "kiln/default",
+        "sh",
+        "-c",
+        "ip -4 -o addr show eth0",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let first = a.clone().min(b.clone());
+    assert!(
+        text(&out.stdout).contains(&format!("inet {first}/16")),
+        "the released lease {first} is taken again: {}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn a_killed_supervisors_tap_goes_with_rm_and_prune() {
+    require_prerequisites!();
+    let root = Root::new("kill9");
+    for name in ["victim", "victim2"] {
+        let out = root.run(&[
+            "-d",
+            "--memory",
+            "256M",
+            "--name",
+            name,
+            "kiln/default",
+            "sleep",
+            "600",
+        ]);
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+    let mut pids = Vec::new();
+    for name in ["victim", "victim2"] {
+        let record = root.wait_status(name, "running", Duration::from_secs(180));
+        pids.push(record["supervisor_pid"].as_u64().expect("supervisor pid") as i32);
+        pids.push(record["vmm_pid"].as_u64().expect("vmm pid") as i32);
+    }
+    assert_eq!(taps().len(), 2, "{:?}", taps());
+    for pid in pids.iter().step_by(2) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe {
+            libc::kill(*pid, libc::SIGKILL);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pids.iter().any(|p| pid_alive(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "supervisor or hypervisor lives on"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(taps().len(), 2, "a killed supervisor cannot remove its tap");
+
+    let out = root.kiln(&["rm", "victim"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        taps().len(),
+        1,
+        "rm removed the dead VM's tap: {:?}",
+        taps()
+    );
+    let out = root.kiln(&["system", "prune"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(taps(), Vec::<String>::new(), "prune removed the last tap");
+}
+
+#[test]
+fn network_flag_errors_are_clear() {
+    // No namespace or VM needed: refused before anything is made.
+    let root = Root::new("flags");
+    let out = root.kiln(&[
+        "run",
+        "--backend",
+        "qemu",
+        "--network",
+        "bogus",
+        "kiln/default",
+        "true",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("use bridge, user or none"),
+        "{}",
+        describe(&out)
+    );
+    let out = root.kiln(&[
+        "run",
+        "--backend",
+        "vmm",
+        "--network",
+        "user",
+        "kiln/default",
+        "true",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no user-mode network"),
+        "{}",
+        describe(&out)
+    );
+}
