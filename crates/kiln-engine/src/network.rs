@@ -327,6 +327,17 @@ pub fn ensure_bridge(kiln_root: &Path, subnet: &Subnet) -> Result<()> {
 }
 
 fn configure_bridge(subnet: &Subnet) -> Result<()> {
+    let bridges = run(
+        "ip",
+        &["-o", "link", "show", "dev", BRIDGE, "type", "bridge"],
+        None,
+    )?;
+    if bridges.trim().is_empty() {
+        return Err(EngineError::Backend(format!(
+            "the network device {BRIDGE} exists but is not a bridge: kiln needs that name for \
+             its bridge; remove the device (ip link del {BRIDGE}) or use --network user/none"
+        )));
+    }
     let gateway = format!("{}/{}", subnet.gateway(), subnet.prefix());
     let addresses = run("ip", &["-o", "-4", "addr", "show", "dev", BRIDGE], None)?;
     if !addresses

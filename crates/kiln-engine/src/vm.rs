@@ -191,6 +191,7 @@ impl Engine {
         backend(options.backend).check()?;
         if options.network == NetworkMode::Bridge {
             crate::network::check_prerequisites()?;
+            crate::network::Subnet::from_env()?;
         }
         // The kernel first: cheap to check, and a missing kernel should fail before a pull.
         let kernels = KernelStore::open(&self.root)?;
@@ -253,7 +254,14 @@ impl Engine {
             };
             cache.vm_disk(&image_id, &paths.disk, size)?;
             let address = match options.network {
-                NetworkMode::Bridge => Some(self.lease_address(&record.id)?),
+                NetworkMode::Bridge => {
+                    let address = self.lease_address(&record.id)?;
+                    // The bridge now, so that its errors reach the user directly (the
+                    // supervisor checks again before each boot).
+                    let (_, subnet) = crate::network::Subnet::of_cidr(&address)?;
+                    crate::network::ensure_bridge(&self.root, &subnet)?;
+                    Some(address)
+                }
                 _ => None,
             };
             let spec = VmSpec {

@@ -106,13 +106,20 @@ impl Root {
     }
 
     fn kiln(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_kiln"))
+        self.kiln_with_subnet(args, None)
+    }
+
+    fn kiln_with_subnet(&self, args: &[&str], subnet: Option<&str>) -> Output {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        command
             .args(args)
             .env("KILN_ROOT", &self.dir)
             .env_remove("KILN_SUBNET")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run kiln")
+            .stdin(Stdio::null());
+        if let Some(subnet) = subnet {
+            command.env("KILN_SUBNET", subnet);
+        }
+        command.output().expect("run kiln")
     }
 
     /// `kiln run` on the bridge with the QEMU backend and `args` after the flags.
@@ -281,19 +288,32 @@ fn bridge_gives_address_route_and_reaches_the_host() {
 fn two_vms_get_different_addresses_and_reach_each_other() {
     require_prerequisites!();
     let root = Root::new("pair");
-    for name in ["net-a", "net-b"] {
-        let out = root.run(&[
-            "-d",
-            "--memory",
-            "256M",
-            "--name",
-            name,
-            "kiln/default",
-            "sleep",
-            "600",
-        ]);
-        assert!(out.status.success(), "{}", describe(&out));
-    }
+    // At once, on a namespace without a bridge yet: both make sure of it under the lock and
+    // lease concurrently. (Threads spawned here inherit this thread's namespace.)
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = ["net-a", "net-b"]
+            .into_iter()
+            .map(|name| {
+                let root = &root;
+                scope.spawn(move || {
+                    root.run(&[
+                        "-d",
+                        "--memory",
+                        "256M",
+                        "--name",
+                        name,
+                        "kiln/default",
+                        "sleep",
+                        "600",
+                    ])
+                })
+            })
+            .collect();
+        for handle in handles {
+            let out = handle.join().expect("thread");
+            assert!(out.status.success(), "{}", describe(&out));
+        }
+    });
     let a = address_of(&root.wait_status("net-a", "running", Duration::from_secs(180)));
     let b = address_of(&root.wait_status("net-b", "running", Duration::from_secs(180)));
     assert_ne!(a, b, "distinct leases");
@@ -437,4 +457,75 @@ fn network_flag_errors_are_clear() {
         "{}",
         describe(&out)
     );
+}
+
+#[test]
+fn bridge_failures_leave_nothing_and_kiln_subnet_is_honoured() {
+    require_prerequisites!();
+    let root = Root::new("fail");
+    // Something else holds the bridge's name: a clear error, no VM, no tap, no table.
+    let out = Command::new("ip")
+        .args(["tuntap", "add", "dev", "kiln0", "mode", "tap"])
+        .output()
+        .expect("ip tuntap");
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = root.run(&["--rm", "kiln/default", "true"]);
+    assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("kiln0 exists but is not a bridge"),
+        "{}",
+        describe(&out)
+    );
+    let ps = root.kiln(&["ps", "-a", "-q"]);
+    assert_eq!(text(&ps.stdout), "", "no VM record left");
+    assert_eq!(taps(), Vec::<String>::new());
+    let out = Command::new("ip")
+        .args(["link", "del", "kiln0"])
+        .output()
+        .expect("ip link del");
+    assert!(out.status.success(), "{}", describe(&out));
+
+    // A bad KILN_SUBNET is refused before anything is made.
+    let out = root.kiln_with_subnet(
+        &[
+            "run",
+            "--backend",
+            "qemu",
+            "--network",
+            "bridge",
+            "--rm",
+            "kiln/default",
+            "true",
+        ],
+        Some("10.77.0.1/24"),
+    );
+    assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("host bits set"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(text(&root.kiln(&["ps", "-a", "-q"]).stdout), "");
+
+    // Another subnet.
+    let out = root.kiln_with_subnet(
+        &[
+            "run",
+            "--backend",
+            "qemu",
+            "--network",
+            "bridge",
+            "--rm",
+            "kiln/default",
+            "sh",
+            "-c",
+            "ip -4 -o addr show eth0; ip route; ping -c 1 -W 10 10.77.0.1",
+        ],
+        Some("10.77.0.0/24"),
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("inet 10.77.0.2/24"), "{stdout}");
+    assert!(stdout.contains("default via 10.77.0.1"), "{stdout}");
+    assert_eq!(taps(), Vec::<String>::new());
 }
