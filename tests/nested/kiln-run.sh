@@ -12,7 +12,7 @@ run_case() {
     name=$1
     shift
     echo "KILN-RUN-START $name uptime=$(up)"
-    timeout "${KILN_RUN_TIMEOUT:-180}" "$KILN" run --backend vmm --rm kiln/default "$@" \
+    timeout "${KILN_RUN_TIMEOUT:-180}" "$KILN" run --backend vmm --network none --rm kiln/default "$@" \
         </dev/null >"$out/$name.out" 2>"$out/$name.err"
     rc=$?
     echo "KILN-RUN-END $name rc=$rc uptime=$(up)"
@@ -32,7 +32,7 @@ echo "KILN-RUN-LEFTOVER-VMS [${left% }]"
 # On failure, keep one VM (no --rm) to show the inner console and kiln-vmm's stderr.
 if ! grep -q -x hi "$out/echo.out" 2>/dev/null; then
     echo "KILN-RUN-DIAG start uptime=$(up)"
-    timeout "${KILN_RUN_TIMEOUT:-180}" "$KILN" run --backend vmm --name kiln-diag kiln/default echo hi \
+    timeout "${KILN_RUN_TIMEOUT:-180}" "$KILN" run --backend vmm --network none --name kiln-diag kiln/default echo hi \
         </dev/null >"$out/diag.out" 2>"$out/diag.err"
     echo "KILN-RUN-DIAG rc=$? uptime=$(up)"
     sed 's/^/KILN-RUN-DIAG-STDERR: /' "$out/diag.err"

@@ -143,6 +143,7 @@ fn run(args: &[String]) -> Run {
     let command = format!("bash {} {}", script.display(), args.join(" "));
     eprintln!("linux_boot: running {command}");
     let mut child = Command::new("bash")
+        .env("KILN_STATIC_PROFILE", "static-test")
         .arg(&script)
         .args(args)
         .stdin(Stdio::null())

@@ -1477,24 +1477,27 @@ fn frames_waiting_for_rx_buffers_do_not_drain_the_rx_bucket() {
     }
     wait_line(&vmm, "net-pump: recv-start");
     let posted = Instant::now();
-    thread::sleep(Duration::from_millis(300));
+    // Within 1 s a full bucket lets all 20 frames through (10 at once, 10 refilled), a drained
+    // one at most 11 (1 + 10 refilled). The window is long so that a guest slowed down by a
+    // loaded host (its printing, not the device, is then the bottleneck) still shows the
+    // difference.
+    thread::sleep(Duration::from_millis(1000));
     let early = vmm
         .stdout
         .lines()
         .iter()
         .filter(|l| l.starts_with("net-pump: rx len=1000"))
         .count();
-    // Nothing was delivered while the guest had no buffer, so nothing may have been charged:
-    // the full bucket (10 frames), plus what 300 ms refill, must come through at once.
+    // Nothing was delivered while the guest had no buffer, so nothing may have been charged.
     eprintln!(
         "frames delivered within {:?} of posting buffers: {early}",
         posted.elapsed()
     );
     assert!(
-        early >= 10,
-        "only {early} frames arrived in the 300 ms after the guest posted buffers, though the \
-         bucket should be full: frames the device could not deliver were charged to the RX \
-         rate limiter\n{}",
+        early >= 14,
+        "only {early} frames arrived in the second after the guest posted buffers, though the \
+         bucket should have been full: frames the device could not deliver were charged to \
+         the RX rate limiter\n{}",
         vmm.stdout.text()
     );
     let lines = wait_reset(&mut vmm);

@@ -750,3 +750,167 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
     assert!(root.vm_dirs().is_empty());
     assert_no_processes(&root.dir);
 }
+
+#[test]
+fn create_then_start_attached_and_a_restart_keeps_the_disk() {
+    require_prerequisites!();
+    let root = shared();
+    let name = "e2e-persist";
+    let out = root.kiln(&[
+        "create",
+        "--name",
+        name,
+        "kiln/default",
+        "sh",
+        "-c",
+        "cat /data.txt 2>/dev/null; echo run >> /data.txt",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(root.inspect(name)["status"], "created");
+    let ps = root.kiln(&["ps"]);
+    assert!(
+        !text(&ps.stdout).contains(name),
+        "a created VM is not running"
+    );
+    let out = root.kiln(&["start", "-a", name]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(text(&out.stdout), "", "first boot: no file yet");
+    let out = root.kiln(&["start", "-a", name]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        text(&out.stdout),
+        "run\n",
+        "the second boot sees the first one's write"
+    );
+    let record = root.inspect(name);
+    assert_eq!(record["status"], "exited");
+    assert_eq!(record["exit_code"], 0);
+    // exec needs a running VM.
+    let out = root.kiln(&["exec", name, "true"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("not running"),
+        "{}",
+        describe(&out)
+    );
+    let out = root.kiln(&["rm", name]);
+    assert!(out.status.success(), "{}", describe(&out));
+}
+
+#[test]
+fn logs_follow_streams_until_the_vm_exits() {
+    require_prerequisites!();
+    let root = shared();
+    let name = "e2e-follow";
+    let out = root.kiln(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "kiln/default",
+        "sh",
+        "-c",
+        "for i in 1 2 3; do echo line$i; sleep 1; done; exit 2",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = root.kiln(&["logs", "-f", name]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(text(&out.stdout), "line1\nline2\nline3\n");
+    let record = root.wait_status(name, "exited", Duration::from_secs(60));
+    assert_eq!(record["exit_code"], 2, "{record}");
+    let out = root.kiln(&["rm", name]);
+    assert!(out.status.success(), "{}", describe(&out));
+}
+
+#[test]
+fn attach_shows_the_serial_console() {
+    require_prerequisites!();
+    let root = shared();
+    let name = "e2e-console";
+    let out = root.kiln(&["run", "-d", "--name", name, "kiln/default", "sleep", "600"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    root.wait_status(name, "running", Duration::from_secs(120));
+    let mut attach = KillOnDrop(
+        root.command(&["attach", name])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("attach"),
+    );
+    let mut stdout = attach.0.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1024];
+        let mut seen = Vec::new();
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if text(&seen).contains("console-marker-42") {
+                let _ = tx.send(());
+                return;
+            }
+        }
+    });
+    // The attach client is registered once its connection is up; retry the write until seen.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = root.kiln(&[
+            "exec",
+            name,
+            "sh",
+            "-c",
+            "echo console-marker-$((6*7)) > /dev/console",
+        ]);
+        assert!(out.status.success(), "{}", describe(&out));
+        if rx.recv_timeout(Duration::from_secs(2)).is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the console line never reached attach"
+        );
+    }
+    // Closing stdin detaches.
+    drop(attach.0.stdin.take());
+    let status = attach.0.wait().expect("wait attach");
+    assert!(status.success(), "attach ends cleanly: {status:?}");
+    let out = root.kiln(&["rm", "-f", name]);
+    assert!(out.status.success(), "{}", describe(&out));
+}
+
+#[test]
+fn system_prune_removes_stopped_vms_only() {
+    require_prerequisites!();
+    let root = Root::new("prune");
+    let out = root.kiln(&["create", "--name", "idle", "kiln/default", "true"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = root.kiln(&[
+        "run",
+        "-d",
+        "--name",
+        "busy",
+        "kiln/default",
+        "sleep",
+        "600",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    root.wait_status("busy", "running", Duration::from_secs(180));
+    let out = root.kiln(&["system", "prune"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        !root.kiln(&["inspect", "idle"]).status.success(),
+        "prune removed idle"
+    );
+    assert_eq!(
+        root.inspect("busy")["status"],
+        "running",
+        "prune keeps running VMs"
+    );
+    assert_eq!(root.vm_dirs().len(), 1);
+    let out = root.kiln(&["rm", "-f", "busy"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(root.vm_dirs().is_empty());
+    assert_no_processes(&root.dir);
+}
