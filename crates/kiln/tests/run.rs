@@ -914,3 +914,33 @@ fn system_prune_removes_stopped_vms_only() {
     assert!(root.vm_dirs().is_empty());
     assert_no_processes(&root.dir);
 }
+
+#[test]
+fn kill_sends_a_signal_to_the_main_process() {
+    require_prerequisites!();
+    let root = shared();
+    let name = "e2e-kill";
+    let out = root.kiln(&["run", "-d", "--name", name, "kiln/default", "sleep", "600"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    root.wait_status(name, "running", Duration::from_secs(120));
+    let out = root.kiln(&["kill", "-s", "NOSUCH", name]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("unknown signal"),
+        "{}",
+        describe(&out)
+    );
+    let out = root.kiln(&["kill", "-s", "TERM", name]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let record = root.wait_status(name, "exited", Duration::from_secs(60));
+    assert_eq!(record["exit_code"], 128 + 15, "{record}");
+    let out = root.kiln(&["kill", name]);
+    assert!(!out.status.success(), "kill of a stopped VM fails");
+    assert!(
+        text(&out.stderr).contains("not running"),
+        "{}",
+        describe(&out)
+    );
+    let out = root.kiln(&["rm", name]);
+    assert!(out.status.success(), "{}", describe(&out));
+}

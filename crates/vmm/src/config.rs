@@ -323,10 +323,7 @@ impl NetworkInterfaceConfig {
         }
         crate::devices::virtio::net::tap::check_name(&self.host_dev_name)
             .map_err(|e| ConfigError::Invalid(format!("host_dev_name: {e}.")))?;
-        if !std::path::Path::new("/sys/class/net")
-            .join(&self.host_dev_name)
-            .exists()
-        {
+        if !crate::devices::virtio::net::tap::exists(&self.host_dev_name) {
             return Err(ConfigError::Invalid(format!(
                 "The tap device {:?} does not exist on the host; create it first (ip tuntap add dev {} mode tap).",
                 self.host_dev_name, self.host_dev_name

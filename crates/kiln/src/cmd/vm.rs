@@ -321,9 +321,6 @@ fn announce_backend(options: &CreateOptions, choice: &str) {
 /// `kiln run`: create, start, attach; the exit code is the main process's.
 pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     let options = create_options(&args.create)?;
-    if args.detach && (args.create.interactive || args.create.tty) && args.create.rm {
-        // Allowed by Docker too; nothing special.
-    }
     if args.create.tty && !args.detach && !term::is_tty(0) {
         bail!("the input device is not a TTY: drop -t, or run kiln from a terminal");
     }

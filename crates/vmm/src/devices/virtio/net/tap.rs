@@ -76,11 +76,22 @@ pub fn check_name(name: &str) -> Result<(), TapError> {
     Ok(())
 }
 
+/// Whether a network interface `name` exists in this process's network namespace. Asks the
+/// kernel (`if_nametoindex`) rather than /sys/class/net, which shows the namespace sysfs was
+/// mounted in, not necessarily ours.
+pub fn exists(name: &str) -> bool {
+    let Ok(c_name) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: `c_name` is a valid NUL-terminated string that outlives the call.
+    unsafe { libc::if_nametoindex(c_name.as_ptr()) != 0 }
+}
+
 impl Tap {
     /// Opens the existing tap `name` in non-blocking mode with virtio-net headers.
     pub fn open(name: &str) -> Result<Tap, TapError> {
         check_name(name)?;
-        if !std::path::Path::new("/sys/class/net").join(name).exists() {
+        if !exists(name) {
             return Err(TapError::Missing(name.to_string()));
         }
         let io = |what| {
