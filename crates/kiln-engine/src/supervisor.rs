@@ -611,9 +611,35 @@ fn agent_loop(mut stream: UnixStream, shared: &Shared) {
                         session,
                         bytes: len,
                     });
-                } else if let Some(sink) = lock(&shared.sessions).get(&session) {
-                    // The connection's writer acknowledges once it has written the bytes.
-                    let _ = sink.tx.send(ControlEvent::Output { stream: out, data });
+                } else if lock(&shared.sessions).contains_key(&session) {
+                    // The connection's writer acknowledges once it has written the bytes, so
+                    // an agent that keeps to its window never has more than WINDOW queued
+                    // here. One that does not (a hostile guest) loses the session rather than
+                    // making the supervisor buffer without bound.
+                    let mut sessions = lock(&shared.sessions);
+                    let overrun = match sessions.get(&session) {
+                        Some(sink) => {
+                            let queued = sink.backlog.fetch_add(len, Ordering::Relaxed) + len;
+                            if queued > 2 * WINDOW {
+                                Some(queued)
+                            } else {
+                                let _ = sink.tx.send(ControlEvent::Output { stream: out, data });
+                                None
+                            }
+                        }
+                        None => None,
+                    };
+                    if let Some(queued) = overrun {
+                        if let Some(sink) = sessions.remove(&session) {
+                            let _ = sink.tx.send(ControlEvent::Failed {
+                                message: format!(
+                                    "the guest agent overran session {session}'s output window \
+                                     ({queued} bytes unacknowledged); the session was dropped"
+                                ),
+                                code: 125,
+                            });
+                        }
+                    }
                 } else {
                     let _ = shared.send_agent(&HostMessage::Ack {
                         session,

@@ -369,6 +369,16 @@ fn detached_vm_logs_exec_cp_stop_rm() {
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(text(&out.stdout), "SHOUT\ndone\n");
 
+    // Output far larger than the credit window flows through intact (acks keep it moving).
+    let out = root.kiln(&["exec", name, "sh", "-c", "yes kiln | head -c 3000000"]);
+    assert!(
+        out.status.success(),
+        "bulk exec: status {:?}",
+        out.status.code()
+    );
+    assert_eq!(out.stdout.len(), 3_000_000);
+    assert!(out.stdout.chunks(5).all(|c| c == b"kiln\n"));
+
     // cp both ways: a directory in, back out under a new name, identical.
     let host = tempfile::tempdir().expect("tempdir");
     let src = host.path().join("payload");
