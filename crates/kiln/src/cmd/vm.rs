@@ -365,9 +365,23 @@ fn start_attached(
     report_end(&end)
 }
 
+/// Text from the guest made safe for the user's terminal: control characters (escape
+/// sequences a hostile guest could use to rewrite the screen) are shown escaped.
+fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
 fn report_end(end: &SessionEnd) -> anyhow::Result<u8> {
     if let SessionEnd::Failed { message, code } = end {
-        eprintln!("kiln: {message}");
+        eprintln!("kiln: {}", printable(message));
         return Ok(u8::try_from(*code).unwrap_or(EXIT_KILN_ERROR));
     }
     Ok(u8::try_from(end.code()).unwrap_or(EXIT_KILN_ERROR))
@@ -1042,4 +1056,15 @@ fn copy_in(paths: &VmPaths, src: &Path, guest_path: &str) -> anyhow::Result<u8> 
         }
     }
     report_end(&end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn guest_text_cannot_smuggle_terminal_escapes() {
+        assert_eq!(printable("plain\ttext\n"), "plain\ttext\n");
+        assert_eq!(printable("\u{1b}[2Jgone"), "\\u{1b}[2Jgone");
+    }
 }
