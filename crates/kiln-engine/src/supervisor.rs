@@ -70,6 +70,9 @@ struct Shared {
     replies: Mutex<HashMap<&'static str, Sender<GuestMessage>>>,
     main_running: AtomicBool,
     main_ever_started: AtomicBool,
+    /// Client writer threads still running (they must get their last event out before the
+    /// supervisor exits).
+    writers: AtomicU32,
     main_stdin: bool,
 }
 
@@ -213,6 +216,7 @@ fn supervise(
         replies: Mutex::new(HashMap::new()),
         main_running: AtomicBool::new(false),
         main_ever_started: AtomicBool::new(false),
+        writers: AtomicU32::new(0),
         main_stdin: spec.process.stdin,
     });
     {
@@ -220,55 +224,65 @@ fn supervise(
         std::thread::spawn(move || accept_loop(listener, shared));
     }
 
-    let backend = backend(spec.backend);
-    backend.check()?;
-    // The tap lives until this function returns, after the hypervisor has ended.
-    let (_tap, bridge) = match spec.network {
-        NetworkMode::Bridge => {
-            let address = spec.address.as_deref().ok_or_else(|| {
-                EngineError::Invalid(format!("VM {id} has no leased address: recreate it"))
-            })?;
-            let (tap, attachment) = crate::network::attach(kiln_root, id, address)?;
-            (Some(tap), Some(attachment))
+    let result = (|| -> Result<(Option<i32>, String)> {
+        let backend = backend(spec.backend);
+        backend.check()?;
+        // The tap lives until this function returns, after the hypervisor has ended.
+        let (_tap, bridge) = match spec.network {
+            NetworkMode::Bridge => {
+                let address = spec.address.as_deref().ok_or_else(|| {
+                    EngineError::Invalid(format!("VM {id} has no leased address: recreate it"))
+                })?;
+                let (tap, attachment) = crate::network::attach(kiln_root, id, address)?;
+                (Some(tap), Some(attachment))
+            }
+            _ => (None, None),
+        };
+        let launch = LaunchSpec {
+            dir: paths.dir.clone(),
+            kernel: spec.boot.kernel.clone(),
+            initrd: spec.boot.initrd.clone(),
+            extra_cmdline: spec.extra_cmdline.clone(),
+            disk: paths.disk.clone(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            network: spec.network,
+            bridge,
+        };
+        // Launched from this (the main) thread: the hypervisor's parent-death signal fires when
+        // the thread that forked it ends, and this one lives as long as the process.
+        let Launched {
+            mut child,
+            transport,
+            guest_config,
+        } = backend.launch(&launch)?;
+        let vmm_pid = child.id();
+        state.update(id, |r| r.vmm_pid = Some(vmm_pid))?;
+        let outcome = run_vm(
+            &shared,
+            &mut child,
+            transport.as_ref(),
+            guest_config,
+            spec,
+            paths,
+            wait_attach,
+            &events,
+            state,
+            id,
+        );
+        // Whatever happened, the hypervisor does not outlive this function.
+        if wait_child(&mut child, Duration::from_secs(10)).is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        _ => (None, None),
-    };
-    let launch = LaunchSpec {
-        dir: paths.dir.clone(),
-        kernel: spec.boot.kernel.clone(),
-        initrd: spec.boot.initrd.clone(),
-        extra_cmdline: spec.extra_cmdline.clone(),
-        disk: paths.disk.clone(),
-        vcpus: spec.vcpus,
-        memory_mib: spec.memory_mib,
-        network: spec.network,
-        bridge,
-    };
-    // Launched from this (the main) thread: the hypervisor's parent-death signal fires when
-    // the thread that forked it ends, and this one lives as long as the process.
-    let Launched {
-        mut child,
-        transport,
-        guest_config,
-    } = backend.launch(&launch)?;
-    let vmm_pid = child.id();
-    state.update(id, |r| r.vmm_pid = Some(vmm_pid))?;
-    let result = run_vm(
-        &shared,
-        &mut child,
-        transport.as_ref(),
-        guest_config,
-        spec,
-        paths,
-        wait_attach,
-        &events,
-        state,
-        id,
-    );
-    // Whatever happened, the hypervisor does not outlive this function.
-    if wait_child(&mut child, Duration::from_secs(10)).is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
+        outcome
+    })();
+    // A foreground `kiln run` that has not attached yet (the VM failed right away) still
+    // gets to hear why before everything is cleaned up.
+    if result.is_err() && wait_attach {
+        let (attached, cv) = &shared.attached;
+        let guard = lock(attached);
+        let _ = cv.wait_timeout_while(guard, Duration::from_secs(5), |a| !*a);
     }
     // Tell everyone still connected that the VM is gone.
     for sink in lock(&shared.main_clients).drain(..) {
@@ -292,6 +306,12 @@ fn supervise(
             message: "the VM stopped".into(),
             code: 137,
         });
+    }
+    lock(&shared.console_clients).clear();
+    // Let the writers deliver those last events (their channels are closed now).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while shared.writers.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
     }
     result
 }
@@ -747,6 +767,7 @@ fn client_writer(
     backlog: Arc<AtomicU32>,
 ) -> Sender<ControlEvent> {
     let (tx, rx) = mpsc::channel::<ControlEvent>();
+    shared.writers.fetch_add(1, Ordering::SeqCst);
     std::thread::spawn(move || {
         for event in rx {
             let (len, last) = match &event {
@@ -774,6 +795,7 @@ fn client_writer(
             }
         }
         let _ = stream.shutdown(std::net::Shutdown::Write);
+        shared.writers.fetch_sub(1, Ordering::SeqCst);
     });
     tx
 }

@@ -758,6 +758,21 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
     let out = root.kiln(&["rm", "taken"]);
     assert!(out.status.success(), "{}", describe(&out));
     assert!(root.vm_dirs().is_empty());
+    // A hypervisor that cannot start: the foreground CLI says why, and --rm still cleans up.
+    let out = root
+        .command(&["run", "--rm", "--backend", "qemu", "kiln/default", "true"])
+        .env("KILN_QEMU", "/nonexistent/qemu")
+        .output()
+        .expect("run kiln");
+    assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("/nonexistent/qemu"),
+        "{}",
+        describe(&out)
+    );
+    let ps = root.kiln(&["ps", "-a", "-q"]);
+    assert_eq!(text(&ps.stdout), "", "--rm removed the failed VM");
+    assert!(root.vm_dirs().is_empty());
     assert_no_processes(&root.dir);
 }
 
