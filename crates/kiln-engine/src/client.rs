@@ -201,6 +201,12 @@ impl SessionInput {
         self.send(&ControlRequest::Signal { signal })
     }
 
+    /// Leaves the session without ending it (detach): the process in the VM runs on.
+    pub fn detach(&mut self) {
+        let stream = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
+
     /// Copies `reader` to the session's stdin, then ends it.
     pub fn pump(&mut self, mut reader: impl Read) -> Result<()> {
         let mut buf = vec![0u8; MAX_CHUNK];

@@ -969,3 +969,63 @@ fn kill_sends_a_signal_to_the_main_process() {
     let out = root.kiln(&["rm", name]);
     assert!(out.status.success(), "{}", describe(&out));
 }
+
+#[test]
+fn ctrl_p_ctrl_q_detaches_and_the_vm_runs_on() {
+    require_prerequisites!();
+    let root = shared();
+    let name = "e2e-detach";
+    let (master, slave) = openpty(24, 80);
+    let mut command = root.command(&["run", "-it", "--name", name, "kiln/default", "sh"]);
+    let slave_fd = slave.as_raw_fd();
+    command
+        .stdin(Stdio::from(slave.try_clone().expect("dup")))
+        .stdout(Stdio::from(slave.try_clone().expect("dup")))
+        .stderr(Stdio::from(slave));
+    // SAFETY: setsid and ioctl are async-signal-safe; runs between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            libc::setsid();
+            libc::ioctl(slave_fd, libc::TIOCSCTTY, 0);
+            Ok(())
+        });
+    }
+    let mut guard = KillOnDrop(command.spawn().expect("kiln run -it"));
+    let mut master = std::fs::File::from(master);
+    let output = std::sync::Arc::new(Mutex::new(Vec::<u8>::new()));
+    {
+        let output = output.clone();
+        let mut reader = master.try_clone().expect("dup master");
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                output.lock().expect("lock").extend_from_slice(&buf[..n]);
+            }
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !text(&output.lock().expect("lock")).contains("# ") {
+        assert!(Instant::now() < deadline, "no prompt");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    master.write_all(&[0x10, 0x11]).expect("ctrl-p ctrl-q");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = guard.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "kiln did not detach");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+    assert!(text(&output.lock().expect("lock")).contains("detached"));
+    assert_eq!(root.inspect(name)["status"], "running", "the VM runs on");
+    let out = root.kiln(&["exec", name, "echo", "still-here"]);
+    assert_eq!(text(&out.stdout), "still-here\n", "{}", describe(&out));
+    let out = root.kiln(&["rm", "-f", name]);
+    assert!(out.status.success(), "{}", describe(&out));
+}

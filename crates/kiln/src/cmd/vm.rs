@@ -358,6 +358,9 @@ fn start_attached(
     let lock = std::fs::File::open(&paths.lock).ok();
     let session = Session::attach(&paths, stdin)?;
     let end = follow(session, stdin, tty)?;
+    if DETACHED.load(std::sync::atomic::Ordering::SeqCst) {
+        return Ok(0);
+    }
     // Wait until the supervisor has recorded the end (and removed the VM for --rm).
     if let Some(lock) = lock {
         let _ = rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockShared);
@@ -386,6 +389,12 @@ fn report_end(end: &SessionEnd) -> anyhow::Result<u8> {
     }
     Ok(u8::try_from(end.code()).unwrap_or(EXIT_KILN_ERROR))
 }
+
+/// Ctrl-P Ctrl-Q: leave a `-it` session with the process still running.
+const DETACH_KEYS: &[u8] = &[0x10, 0x11];
+
+/// Set when the user detached with [`DETACH_KEYS`].
+static DETACHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Where the signal thread forwards Ctrl-C, SIGTERM and window changes; until a session is
 /// up, those signals end kiln.
@@ -436,7 +445,17 @@ fn follow(mut session: Session, stdin: bool, tty: bool) -> anyhow::Result<Sessio
                 match lock.read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => {
-                        if input.stdin(&buf[..n]).is_err() {
+                        // Ctrl-P Ctrl-Q detaches a terminal session, as in Docker.
+                        let detach_at = tty
+                            .then(|| buf[..n].windows(2).position(|w| w == DETACH_KEYS))
+                            .flatten();
+                        let data = &buf[..detach_at.unwrap_or(n)];
+                        if !data.is_empty() && input.stdin(data).is_err() {
+                            return;
+                        }
+                        if detach_at.is_some() {
+                            DETACHED.store(true, std::sync::atomic::Ordering::SeqCst);
+                            input.detach();
                             return;
                         }
                     }
@@ -449,9 +468,13 @@ fn follow(mut session: Session, stdin: bool, tty: bool) -> anyhow::Result<Sessio
     }
     let stdout = std::io::stdout();
     let stderr = std::io::stderr();
-    let end = session.wait(&mut stdout.lock(), &mut stderr.lock())?;
+    let end = session.wait(&mut stdout.lock(), &mut stderr.lock());
     drop(raw);
-    Ok(end)
+    if DETACHED.load(std::sync::atomic::Ordering::SeqCst) {
+        eprintln!("kiln: detached; the VM runs on (kiln logs -f, kiln exec, kiln stop)");
+        return Ok(SessionEnd::Exited(0));
+    }
+    end.map_err(Into::into)
 }
 
 /// `kiln start`.
