@@ -843,6 +843,9 @@ fn logs_follow_streams_until_the_vm_exits() {
     assert_eq!(text(&out.stdout), "line1\nline2\nline3\n");
     let record = root.wait_status(name, "exited", Duration::from_secs(60));
     assert_eq!(record["exit_code"], 2, "{record}");
+    let out = root.kiln(&["logs", "--tail", "2", name]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(text(&out.stdout), "line2\nline3\n");
     let out = root.kiln(&["rm", name]);
     assert!(out.status.success(), "{}", describe(&out));
 }

@@ -158,8 +158,33 @@ pub struct LogsArgs {
     /// Show the serial console (kernel and init messages) instead of the process's output.
     #[arg(long)]
     console: bool,
+    /// Only the last N lines (then follow, with -f).
+    #[arg(short = 'n', long, value_name = "N")]
+    tail: Option<usize>,
     /// VM.
     vm: String,
+}
+
+/// Where the last `lines` lines of the byte chunks start: (chunk index, offset in it).
+fn tail_start(chunks: &[&[u8]], lines: usize) -> (usize, usize) {
+    let ends_with_newline = chunks
+        .iter()
+        .rev()
+        .find(|c| !c.is_empty())
+        .is_some_and(|c| c.last() == Some(&b'\n'));
+    // The newline that ends the line before the ones wanted.
+    let mut to_skip = lines + usize::from(ends_with_newline);
+    for (i, chunk) in chunks.iter().enumerate().rev() {
+        for (j, &byte) in chunk.iter().enumerate().rev() {
+            if byte == b'\n' {
+                to_skip -= 1;
+                if to_skip == 0 {
+                    return (i, j + 1);
+                }
+            }
+        }
+    }
+    (0, 0)
 }
 
 /// `kiln exec`.
@@ -719,6 +744,38 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<u8> {
     let stdout = std::io::stdout();
     let stderr = std::io::stderr();
     let mut pending: Vec<u8> = Vec::new();
+    if let (Some(lines), Some(f)) = (args.tail, file.as_mut()) {
+        let mut all = Vec::new();
+        f.read_to_end(&mut all)?;
+        if args.console {
+            let (_, at) = tail_start(&[&all], lines);
+            stdout.lock().write_all(&all[at..])?;
+        } else {
+            let mut records: Vec<(u8, &[u8])> = Vec::new();
+            // Whole records only; a record still being written is picked up by -f below.
+            let used = parse_output_log(&all, |_, _| {});
+            let mut at = 0;
+            while at + 5 <= used {
+                let tag = all[at];
+                let mut len = [0u8; 4];
+                len.copy_from_slice(&all[at + 1..at + 5]);
+                let len = u32::from_le_bytes(len) as usize;
+                records.push((tag, &all[at + 5..at + 5 + len]));
+                at += 5 + len;
+            }
+            let chunks: Vec<&[u8]> = records.iter().map(|(_, d)| *d).collect();
+            let (first, offset) = tail_start(&chunks, lines);
+            for (i, (tag, data)) in records.iter().enumerate().skip(first) {
+                let data = if i == first { &data[offset..] } else { data };
+                let _ = if *tag == log_tag::STDERR {
+                    stderr.lock().write_all(data)
+                } else {
+                    stdout.lock().write_all(data)
+                };
+            }
+            pending.extend_from_slice(&all[used..]);
+        }
+    }
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let mut progressed = false;
@@ -1083,7 +1140,19 @@ fn copy_in(paths: &VmPaths, src: &Path, guest_path: &str) -> anyhow::Result<u8> 
 
 #[cfg(test)]
 mod tests {
-    use super::printable;
+    use super::{printable, tail_start};
+
+    #[test]
+    fn tail_finds_the_last_lines_across_chunks() {
+        let a: &[u8] = b"one\ntwo\nthr";
+        let b: &[u8] = b"ee\nfour\n";
+        assert_eq!(tail_start(&[a, b], 1), (1, 3));
+        assert_eq!(tail_start(&[a, b], 2), (0, 8));
+        assert_eq!(tail_start(&[a, b], 3), (0, 4));
+        assert_eq!(tail_start(&[a, b], 10), (0, 0));
+        assert_eq!(tail_start(&[b"x\ny".as_slice()], 1), (0, 2));
+        assert_eq!(tail_start(&[a, b], 0), (1, 8));
+    }
 
     #[test]
     fn guest_text_cannot_smuggle_terminal_escapes() {
