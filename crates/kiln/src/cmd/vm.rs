@@ -357,6 +357,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         println!("{}", record.id);
         return Ok(0);
     }
+    *PENDING_VM.lock().unwrap_or_else(|p| p.into_inner()) = Some(record.id.clone());
     start_attached(&engine, &record, options.stdin, options.tty)
 }
 
@@ -415,6 +416,10 @@ fn report_end(end: &SessionEnd) -> anyhow::Result<u8> {
     Ok(u8::try_from(end.code()).unwrap_or(EXIT_KILN_ERROR))
 }
 
+/// The VM a foreground `kiln run` created and has not reached the process of yet: removed if
+/// the user interrupts the run before that.
+static PENDING_VM: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
 /// Ctrl-P Ctrl-Q: leave a `-it` session with the process still running.
 const DETACH_KEYS: &[u8] = &[0x10, 0x11];
 
@@ -449,7 +454,19 @@ pub fn forward_signals() {
                 }
             }
             None if signal == libc::SIGWINCH => {}
-            None => std::process::exit(128 + signal),
+            None => {
+                // Interrupted before the process was reached: a VM made for this run goes.
+                let pending = PENDING_VM.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(id) = pending {
+                    eprintln!("kiln: interrupted; removing the VM");
+                    if let Ok(engine) = engine() {
+                        if let Ok(record) = engine.get(&id) {
+                            let _ = engine.remove(&record, true);
+                        }
+                    }
+                }
+                std::process::exit(128 + signal)
+            }
         }
     });
 }
@@ -459,7 +476,12 @@ pub fn forward_signals() {
 /// `tty`; with one, Ctrl-C is a byte for the guest's terminal).
 fn follow(mut session: Session, stdin: bool, tty: bool) -> anyhow::Result<SessionEnd> {
     let mut input = session.input()?;
-    *FORWARD_TO.lock().unwrap_or_else(|p| p.into_inner()) = Some(input.try_clone()?);
+    {
+        // From here on, signals go to the process and the VM is the user's.
+        let mut forward = FORWARD_TO.lock().unwrap_or_else(|p| p.into_inner());
+        *forward = Some(input.try_clone()?);
+        PENDING_VM.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
     let raw = if tty { term::RawMode::enable(0) } else { None };
     if stdin {
         std::thread::spawn(move || {
