@@ -44,8 +44,14 @@ fi
 
 if [ "$mode" = kiln-run ]; then
     # `kiln run --backend vmm` (run.sh --kiln-run): kiln, kiln-vmm, a warmed KILN_ROOT and
-    # resize2fs (with its libraries) are in this initramfs.
-    KILN=/kiln KILN_VMM=/kiln-vmm KILN_ROOT=/kiln-root /bin/sh /kiln-run.sh
+    # resize2fs, iproute2's ip and nftables' nft (with their libraries) are in this initramfs;
+    # the tun, bridge and nftables modules are loaded above. /usr/sbin first: kiln runs the
+    # real ip and nft there, not busybox's ip applet.
+    echo "KILN-OUTER-NET tun=$([ -c /dev/net/tun ] && echo yes || echo no)" \
+        "modules=$(cut -d' ' -f1 /proc/modules | grep -x -E 'tun|bridge|nf_tables|nft_chain_nat|nft_masq' | sort | tr '\n' ',')"
+    ip link set lo up 2>/dev/null
+    PATH=/usr/sbin:/usr/bin:/sbin:/bin KILN=/kiln KILN_VMM=/kiln-vmm KILN_ROOT=/kiln-root \
+        /bin/sh /kiln-run.sh
     off
 fi
 

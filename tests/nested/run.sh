@@ -21,7 +21,10 @@
 #                       KILN_ROOT on the host (`kiln run --backend qemu --rm kiln/default true`),
 #                       then in the outer VM (or on a host with vmx/svm, directly) run
 #                       `kiln run --backend vmm --rm kiln/default echo hi` (stdout hi, exit 0) and
-#                       `... sh -c 'exit 7'` (exit 7) through tests/nested/kiln-run.sh
+#                       `... sh -c 'exit 7'` (exit 7) and, with --network bridge, `sh -c 'ip
+#                       -4 addr show eth0; ip route; ping -c 1 -W 5 10.88.0.1'` (eth0 10.88.x.y/16,
+#                       default via 10.88.0.1, ping answered, no kiln-* tap left) through
+#                       tests/nested/kiln-run.sh
 #   --kiln PATH         --kiln-run: use this (static) kiln instead of building one
 #   --kiln-root DIR     --kiln-run: use (and warm) this KILN_ROOT (default: WORKDIR/kiln-root)
 #   --nested | --direct force the outer VM, or running kiln-vmm on the host (default: auto)
@@ -122,6 +125,23 @@ need timeout coreutils
 need ldd libc-bin
 if [[ $MODE != direct && $MODE != kiln-run-direct ]]; then
     need qemu-system-x86_64 qemu-system-x86
+fi
+# kiln-run: the --network bridge case. Nested: ip and nft (with their libraries) go into the
+# outer VM. Direct: it runs on the host (kiln0 bridge, nftables table `ip kiln`) if it can.
+KILN_RUN_BRIDGE=1
+if [[ $MODE == kiln-run-nested ]]; then
+    need ip iproute2
+    need nft nftables
+elif [[ $MODE == kiln-run-direct ]]; then
+    why=""
+    [[ $(id -u) == 0 ]] || why="not root"
+    command -v ip >/dev/null 2>&1 || [[ -x /usr/sbin/ip ]] || why="${why:+$why, }no ip (iproute2)"
+    command -v nft >/dev/null 2>&1 || [[ -x /usr/sbin/nft ]] || why="${why:+$why, }no nft (nftables)"
+    [[ -c /dev/net/tun ]] || why="${why:+$why, }no /dev/net/tun"
+    if [[ -n $why ]]; then
+        KILN_RUN_BRIDGE=0
+        log "kiln-run-direct: skipping the --network bridge case ($why)"
+    fi
 fi
 
 BUSYBOX=${KILN_BUSYBOX:-}
@@ -285,9 +305,9 @@ install_modules() {
         echo "$base" >>"$root/modules.list"
     done
 }
-copy_with_libs() { # copy_with_libs ROOT BINARY DEST: BINARY at ROOT/DEST plus what ldd lists
-    local root=$1 bin=$2 dest=$3 lib
-    [[ -x $bin ]] || die "$bin not found: install the Debian package 'e2fsprogs'"
+copy_with_libs() { # copy_with_libs ROOT BINARY DEST [PACKAGE]: BINARY at ROOT/DEST plus what ldd lists
+    local root=$1 bin=$2 dest=$3 package=${4:-e2fsprogs} lib
+    [[ -x $bin ]] || die "$bin not found: install the Debian package '$package'"
     mkdir -p "$root/$(dirname "$dest")"
     cp -L "$bin" "$root/$dest"
     for lib in $(ldd "$bin" | grep -o -E '/[^ ]+'); do
@@ -350,8 +370,12 @@ if [[ $MODE == nested || $MODE == outer-check || $MODE == kiln-run-nested ]]; th
     OUTER_ROOT=$WORK/outer-root
     rm -rf "$OUTER_ROOT"
     busybox_root "$OUTER_ROOT" "$HERE/outer-init.sh"
+    # kiln-run: --network bridge also needs the kiln0 bridge (bridge, with stp and llc) and
+    # nftables NAT (nf_tables, nft_chain_nat, nft_masq, with nf_nat and nf_conntrack).
+    net_modules=()
+    [[ $MODE == kiln-run-nested ]] && net_modules=(bridge nf_tables nft_chain_nat nft_masq)
     resolve_modules irqbypass kvm kvm_amd virtio_ring virtio virtio_pci_legacy_dev \
-        virtio_pci_modern_dev virtio_pci virtio_blk tun
+        virtio_pci_modern_dev virtio_pci virtio_blk tun "${net_modules[@]}"
     install_modules "$OUTER_ROOT"
     if [[ $MODE == outer-check ]]; then
         echo check >"$OUTER_ROOT/mode"
@@ -364,6 +388,10 @@ if [[ $MODE == nested || $MODE == outer-check || $MODE == kiln-run-nested ]]; th
         # kiln grows each VM's copy of the cached image disk with resize2fs (dynamically
         # linked): copy it with its libraries and loader, at the paths ldd names.
         copy_with_libs "$OUTER_ROOT" "$(command -v resize2fs || echo /usr/sbin/resize2fs)" /usr/sbin/resize2fs
+        # --network bridge: kiln runs iproute2's ip and nftables' nft (outer-init.sh puts
+        # /usr/sbin before busybox's applets in PATH).
+        copy_with_libs "$OUTER_ROOT" "$(command -v ip || echo /usr/sbin/ip)" /usr/sbin/ip iproute2
+        copy_with_libs "$OUTER_ROOT" "$(command -v nft || echo /usr/sbin/nft)" /usr/sbin/nft nftables
         # The warmed KILN_ROOT (kernel, initramfs, image, disk cache), without VM directories.
         mkdir -p "$OUTER_ROOT/kiln-root"
         (cd "$KILN_ROOT_DIR" && tar --exclude=./vms -cf - .) | tar -xf - -C "$OUTER_ROOT/kiln-root"
@@ -483,7 +511,7 @@ case $MODE in
     kiln-run-direct)
         log "running kiln run --backend vmm on the host (timeout ${TIMEOUT}s)"
         run_vm env KILN="$KILN_BIN" KILN_VMM="$KILN_VMM" KILN_ROOT="$KILN_ROOT_DIR" \
-            KILN_RUN_TIMEOUT="$TIMEOUT" sh "$HERE/kiln-run.sh"
+            KILN_RUN_TIMEOUT="$TIMEOUT" KILN_RUN_BRIDGE="$KILN_RUN_BRIDGE" sh "$HERE/kiln-run.sh"
         ;;
     direct)
         log "running kiln-vmm on the host (timeout ${TIMEOUT}s)"
@@ -555,6 +583,37 @@ if [[ $MODE == kiln-run-* ]]; then
     fi
     check '^KILN-RUN-RC exit7 7$' "kiln run --backend vmm --rm kiln/default sh -c 'exit 7' exited 7"
     check '^KILN-RUN-LEFTOVER-VMS \[\]$' "--rm left no VM directory in KILN_ROOT/vms"
+    if [[ $KILN_RUN_BRIDGE == 1 ]]; then
+        # --network bridge: what the guest printed (ip -4 addr show eth0; ip route; ping).
+        bridge_out=$(grep '^KILN-RUN-STDOUT bridge: ' "$WORK/console.log" | sed 's/^KILN-RUN-STDOUT bridge: //' || true)
+        # kiln's own message (prerequisites, bridge/tap/nft set-up) if it failed.
+        bridge_err=$(grep '^KILN-RUN-STDERR bridge: ' "$WORK/console.log" | sed 's/^KILN-RUN-STDERR bridge: //' |
+            head -n 5 | tr '\n' ' ' | sed 's/ *$//' || true)
+        bridge_check() { # bridge_check REGEX DESCRIPTION: REGEX in the guest's output
+            if grep -q -E -- "$1" <<<"$bridge_out"; then
+                echo "KILN-CHECK ok   $2"
+            else
+                echo "KILN-CHECK FAIL $2 (guest stdout has no line matching '$1'; kiln stderr: ${bridge_err:-none})"
+                FAILS=$((FAILS + 1))
+            fi
+        }
+        check '^KILN-RUN-END bridge rc=' "kiln run --backend vmm --network bridge ... finished"
+        rc_line=$(grep -m1 '^KILN-RUN-RC bridge ' "$WORK/console.log" || true)
+        if [[ $rc_line == "KILN-RUN-RC bridge 0" ]]; then
+            echo "KILN-CHECK ok   kiln run --backend vmm --network bridge --rm kiln/default sh -c '...; ping ...' exited 0"
+        else
+            echo "KILN-CHECK FAIL kiln run --backend vmm --network bridge exited ${rc_line#KILN-RUN-RC bridge } (kiln stderr: ${bridge_err:-none})"
+            FAILS=$((FAILS + 1))
+        fi
+        bridge_check 'inet 10\.88\.[0-9]+\.[0-9]+/16 .*eth0' "guest eth0 (virtio-net) has a 10.88.x.y/16 address"
+        bridge_check '^default via 10\.88\.0\.1 dev eth0' "guest default route is via 10.88.0.1 (kiln0)"
+        bridge_check ', 0% packet loss' "guest pinged the gateway 10.88.0.1 (the kiln0 bridge in the outer VM)"
+        check '^KILN-RUN-TAPS-SEEN \[kiln-[0-9a-z]+\] master=kiln0$' "kiln put the VM's kiln-* tap on the kiln0 bridge while it ran"
+        check '^KILN-RUN-TAPS-LEFT \[\]$' "--network bridge --rm left no kiln-* tap (ip -o link)"
+        check '^KILN-RUN-LEFTOVER-VMS-BRIDGE \[\]$' "--network bridge --rm left no VM directory in KILN_ROOT/vms"
+    else
+        echo "KILN-CHECK skip --network bridge case (KILN_RUN_BRIDGE=0: see run.sh's log)"
+    fi
     check '^KILN-RUN-DONE' "the kiln run script finished"
 fi
 if [[ $MODE != outer-check && $MODE != kiln-run-* ]]; then
@@ -614,7 +673,8 @@ if [[ $MODE == kiln-run-* ]]; then
         secs "$a" "$b"
     }
     echo "KILN-RUN-TIMING total_s=$(secs "$T_START" "$T_END") outer_boot_s=$(secs "$T_START" "$t_outer")" \
-        "kvm_ready_s=$(secs "$T_START" "$t_kvm") run_echo_s=$(run_secs echo) run_exit7_s=$(run_secs exit7)"
+        "kvm_ready_s=$(secs "$T_START" "$t_kvm") run_echo_s=$(run_secs echo) run_exit7_s=$(run_secs exit7)" \
+        "run_bridge_s=$(run_secs bridge)"
 else
     echo "KILN-TIMING total_s=$(secs "$T_START" "$T_END") outer_boot_s=$(secs "$T_START" "$t_outer")" \
         "kvm_ready_s=$(secs "$T_START" "$t_kvm") inner_boot_s=$(secs "$t_vmm" "$t_inner")" \
