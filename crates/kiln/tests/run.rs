@@ -1032,3 +1032,24 @@ fn ctrl_p_ctrl_q_detaches_and_the_vm_runs_on() {
     let out = root.kiln(&["rm", "-f", name]);
     assert!(out.status.success(), "{}", describe(&out));
 }
+
+#[test]
+fn a_kernel_in_use_by_a_vm_is_not_removed() {
+    require_prerequisites!();
+    let root = Root::new("kernel-in-use");
+    let out = root.kiln(&["create", "--name", "user", "kiln/default", "true"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = root.kiln(&["kernel", "rm", "default"]);
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("used by VM(s) user"),
+        "{}",
+        describe(&out)
+    );
+    let out = root.kiln(&["kernel", "ls"]);
+    assert!(text(&out.stdout).contains("default"), "{}", describe(&out));
+    let out = root.kiln(&["rm", "user"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = root.kiln(&["kernel", "rm", "default"]);
+    assert!(out.status.success(), "{}", describe(&out));
+}

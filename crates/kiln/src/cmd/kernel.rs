@@ -276,8 +276,25 @@ pub fn run_in(root: &Path, command: KernelCommand, out: &mut dyn Write) -> anyho
         }
         KernelCommand::Rm { names } => {
             let store = open_store(root)?;
+            let vms = kiln_engine::state::StateStore::open(root)
+                .and_then(|state| state.list(true))
+                .map_err(|e| anyhow::anyhow!("checking which VMs use the kernels: {e}"))?;
             let mut failed = 0usize;
             for name in &names {
+                // A VM boots its kernel again on every start: keep what a VM still needs.
+                let users: Vec<&str> = vms
+                    .iter()
+                    .filter(|vm| &vm.kernel == name)
+                    .map(|vm| vm.name.as_str())
+                    .collect();
+                if !users.is_empty() {
+                    eprintln!(
+                        "kiln: kernel {name} is used by VM(s) {}: remove them first (kiln rm)",
+                        users.join(", ")
+                    );
+                    failed += 1;
+                    continue;
+                }
                 match store.remove(name) {
                     Ok(_) => writeln!(out, "removed {name}")?,
                     Err(e) => {
