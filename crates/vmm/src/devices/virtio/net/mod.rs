@@ -209,12 +209,22 @@ impl Net {
             // A frame needs a handful of descriptors (Linux uses at most 19); a chain as long as
             // the ring is a descriptor loop, not a frame.
             let too_long = chain.clone().nth(MAX_TX_DESCRIPTORS).is_some();
+            // A descriptor whose `next` points past the ring ends the chain early when iterated:
+            // the frame would go out cut short, so it is refused instead.
+            let queue_size = queue.size();
+            let cut_short = chain
+                .clone()
+                .take(MAX_TX_DESCRIPTORS)
+                .any(|d| d.has_next() && d.next() >= queue_size);
             let read = chain
                 .reader(memory)
                 .map_err(|e| e.to_string())
                 .and_then(|mut reader| {
                     if too_long {
                         return Err(format!("more than {MAX_TX_DESCRIPTORS} descriptors"));
+                    }
+                    if cut_short {
+                        return Err("a descriptor's next index is outside the ring".into());
                     }
                     if reader.available_bytes() > MAX_FRAME {
                         return Err("frame larger than 64 KiB".into());
