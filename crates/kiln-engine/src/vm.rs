@@ -140,6 +140,8 @@ pub struct CreateOptions {
     pub window: Option<(u16, u16)>,
     /// Pull options for a missing image.
     pub pull: PullOptions,
+    /// Extra kernel command line (`--kernel-args`), after kiln's own arguments.
+    pub kernel_args: String,
 }
 
 /// The engine's entry point: the kiln root and its stores.
@@ -189,6 +191,11 @@ impl Engine {
             )));
         }
         backend(options.backend).check()?;
+        if options.kernel_args.chars().any(|c| c.is_control()) {
+            return Err(EngineError::Invalid(
+                "--kernel-args must be one line without control characters".into(),
+            ));
+        }
         if options.network == NetworkMode::Bridge {
             crate::network::check_prerequisites()?;
             crate::network::Subnet::from_env()?;
@@ -276,7 +283,7 @@ impl Engine {
                 auto_remove: options.auto_remove,
                 hostname: record.short_id().to_string(),
                 boot: boot.into(),
-                extra_cmdline: String::new(),
+                extra_cmdline: options.kernel_args.clone(),
             };
             let spec_json = serde_json::to_value(&spec)
                 .map_err(|e| EngineError::Invalid(format!("VM spec: {e}")))?;

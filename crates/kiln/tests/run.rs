@@ -1053,3 +1053,38 @@ fn a_kernel_in_use_by_a_vm_is_not_removed() {
     let out = root.kiln(&["kernel", "rm", "default"]);
     assert!(out.status.success(), "{}", describe(&out));
 }
+
+#[test]
+fn kernel_args_reach_the_guest_kernel() {
+    require_prerequisites!();
+    let root = shared();
+    let out = root.kiln(&[
+        "run",
+        "--rm",
+        "--kernel-args",
+        "kiln.test=marker42",
+        "kiln/default",
+        "cat",
+        "/proc/cmdline",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stdout).contains("kiln.test=marker42"),
+        "{}",
+        describe(&out)
+    );
+    let out = root.kiln(&[
+        "run",
+        "--rm",
+        "--kernel-args",
+        "a\nb",
+        "kiln/default",
+        "true",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--kernel-args"),
+        "{}",
+        describe(&out)
+    );
+}

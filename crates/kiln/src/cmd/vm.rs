@@ -71,6 +71,10 @@ pub struct CreateArgs {
     /// qemu backend only) or none. Default: bridge with the vmm backend, user with qemu.
     #[arg(long, default_value = "default")]
     network: String,
+    /// Extra kernel command line arguments (for example "kiln.debug" for kiln-init's boot log
+    /// on the console, see `kiln logs --console`).
+    #[arg(long = "kernel-args", value_name = "ARGS", default_value = "")]
+    kernel_args: String,
     /// Registries to reach over plain HTTP when pulling.
     #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
     insecure_registries: Vec<String>,
@@ -329,6 +333,7 @@ fn create_options(args: &CreateArgs) -> anyhow::Result<CreateOptions> {
         stdin: args.interactive,
         tty: args.tty,
         window,
+        kernel_args: args.kernel_args.clone(),
         pull: PullOptions {
             insecure_registries: args.insecure_registries.clone(),
             progress: ProgressMode::Auto,
