@@ -1088,3 +1088,33 @@ fn kernel_args_reach_the_guest_kernel() {
         describe(&out)
     );
 }
+
+#[test]
+fn stop_kills_a_process_that_ignores_sigterm() {
+    require_prerequisites!();
+    let root = shared();
+    let name = "e2e-stubborn";
+    let out = root.kiln(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "kiln/default",
+        "sh",
+        "-c",
+        "trap '' TERM; while :; do sleep 1; done",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    root.wait_status(name, "running", Duration::from_secs(120));
+    let out = root.kiln(&["stop", "-t", "1", name]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let record = root.inspect(name);
+    assert_eq!(record["status"], "exited", "{record}");
+    assert_eq!(
+        record["exit_code"],
+        128 + 9,
+        "SIGKILL after the timeout: {record}"
+    );
+    let out = root.kiln(&["rm", name]);
+    assert!(out.status.success(), "{}", describe(&out));
+}
