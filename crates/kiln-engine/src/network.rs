@@ -18,6 +18,7 @@
 use std::collections::HashSet;
 use std::fs::OpenOptions;
 use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -185,6 +186,63 @@ pub struct BridgeAttachment {
     pub gateway: String,
     /// Name servers.
     pub nameservers: Vec<String>,
+    /// The guest's MTU when the host's uplink is smaller than Ethernet's 1500.
+    pub mtu: Option<u32>,
+}
+
+/// The interface of the default route in `/proc/net/route` text.
+fn default_route_interface(routes: &str) -> Option<String> {
+    routes.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // Destination and mask both 0: the default route.
+        (fields.get(1) == Some(&"00000000") && fields.get(7) == Some(&"00000000"))
+            .then(|| fields[0].to_string())
+    })
+}
+
+/// The MTU of the host's default-route interface when it is below 1500. Guests get the same,
+/// so that full-size packets they send out through the NAT are not dropped on the uplink
+/// (path-MTU discovery does not rescue every protocol).
+fn uplink_mtu() -> Option<u32> {
+    let routes = std::fs::read_to_string("/proc/net/route").ok()?;
+    let interface = default_route_interface(&routes)?;
+    let mtu = interface_mtu(&interface)?;
+    (576..1500).contains(&mtu).then_some(mtu)
+}
+
+/// An interface's MTU, asked of the kernel (SIOCGIFMTU) in our own network namespace; sysfs
+/// may show another namespace's interfaces.
+fn interface_mtu(name: &str) -> Option<u32> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    // SAFETY: plain socket creation; the descriptor is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    let socket = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all zeroes is valid.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in request.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFMTU reads the name from and writes the MTU into `request`, which is a
+    // valid ifreq for the duration of the call.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SIOCGIFMTU,
+            &mut request,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: after a successful SIOCGIFMTU the union holds the MTU.
+    let mtu = unsafe { request.ifr_ifru.ifru_mtu };
+    u32::try_from(mtu).ok()
 }
 
 impl BridgeAttachment {
@@ -194,7 +252,7 @@ impl BridgeAttachment {
             name: "eth0".into(),
             address: self.address.clone(),
             gateway: Some(self.gateway.clone()),
-            mtu: None,
+            mtu: self.mtu,
         });
         config.nameservers.extend(self.nameservers.iter().cloned());
     }
@@ -440,6 +498,7 @@ pub fn attach(kiln_root: &Path, id: &str, address: &str) -> Result<(Tap, BridgeA
         address: address.to_string(),
         gateway: subnet.gateway().to_string(),
         nameservers: guest_nameservers(&resolv),
+        mtu: uplink_mtu(),
     };
     Ok((tap, attachment))
 }
@@ -447,6 +506,16 @@ pub fn attach(kiln_root: &Path, id: &str, address: &str) -> Result<(Tap, BridgeA
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_route_interface_is_found() {
+        let routes =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                      kiln0\t0000580A\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n\
+                      eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n";
+        assert_eq!(default_route_interface(routes).as_deref(), Some("eth0"));
+        assert_eq!(default_route_interface("Iface\tDestination\n"), None);
+    }
 
     #[test]
     fn subnets() {

@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 const BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
 
 /// Boots `blk-stream` on a 4 MiB drive with `limiter`, reading `bytes` in `request`-byte
-/// requests; returns the wall time from InstanceStart to the guest's reset.
+/// requests; returns the wall time between the guest's `start` and `done` lines as they reach
+/// the host (boot and reset, which a loaded host slows down, are not part of it).
 fn timed_read(name: &str, limiter: Value, bytes: u64, request: u64) -> Duration {
     let vmm = Vmm::with_api(name, &[]);
     let disk = vmm.dir.join("disk.img");
@@ -34,10 +35,16 @@ fn timed_read(name: &str, limiter: Value, bytes: u64, request: u64) -> Duration 
         })),
     );
     let mut vmm = vmm;
-    let started = Instant::now();
     vmm.put_ok("/actions", &json(&json!({"action_type": "InstanceStart"})));
-    let status = vmm.expect_exit(Duration::from_secs(120));
+    vmm.stdout
+        .wait_for("blk-stream: start", Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("the guest never started reading: {}", vmm.stdout.text()));
+    let started = Instant::now();
+    vmm.stdout
+        .wait_for("blk-stream: done", Duration::from_secs(120))
+        .unwrap_or_else(|| panic!("the guest never finished reading: {}", vmm.stdout.text()));
     let elapsed = started.elapsed();
+    let status = vmm.expect_exit(Duration::from_secs(120));
     let out = vmm.stdout.text();
     assert_eq!(status.code(), Some(0), "the guest resets when done: {out}");
     assert!(

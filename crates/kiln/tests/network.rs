@@ -529,3 +529,25 @@ fn bridge_failures_leave_nothing_and_kiln_subnet_is_honoured() {
     assert!(stdout.contains("default via 10.77.0.1"), "{stdout}");
     assert_eq!(taps(), Vec::<String>::new());
 }
+
+#[test]
+fn guests_take_the_uplink_mtu_when_it_is_smaller() {
+    require_prerequisites!();
+    let root = Root::new("mtu");
+    // An uplink with a 1400-byte MTU carrying the default route, as on this kind of cloud host.
+    for args in [
+        &["tuntap", "add", "dev", "uplink0", "mode", "tap"][..],
+        &["link", "set", "uplink0", "mtu", "1400", "up"],
+        &["route", "add", "default", "dev", "uplink0"],
+    ] {
+        let out = Command::new("ip").args(args).output().expect("ip");
+        assert!(out.status.success(), "ip {args:?}: {}", describe(&out));
+    }
+    let out = root.run(&["--rm", "kiln/default", "ip", "link", "show", "eth0"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stdout).contains("mtu 1400"),
+        "the guest's eth0 takes the uplink's MTU: {}",
+        describe(&out)
+    );
+}
