@@ -316,6 +316,31 @@ fn supervise(
     result
 }
 
+/// Why the VM ended before its agent answered: the hypervisor's own last words (QEMU says
+/// "cannot set up guest memory", kiln-vmm names a bad config), else the console's.
+fn hypervisor_died(status: std::process::ExitStatus, paths: &VmPaths) -> EngineError {
+    let tail = |path: &Path| -> Option<String> {
+        let text = std::fs::read_to_string(path).ok()?;
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        let last = lines[lines.len().saturating_sub(3)..].join(" | ");
+        (!last.is_empty()).then_some(last)
+    };
+    let hypervisor_log = paths.dir.join("hypervisor.log");
+    match tail(&hypervisor_log).or_else(|| tail(&paths.console)) {
+        Some(words) => EngineError::Backend(format!(
+            "the VM stopped before its agent answered (hypervisor {status}): {words}"
+        )),
+        None => EngineError::Backend(format!(
+            "the VM stopped before its agent answered (hypervisor {status}); see {}",
+            paths.console.display()
+        )),
+    }
+}
+
 fn wait_child(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -352,11 +377,7 @@ fn run_vm(
     let deadline = Instant::now() + BOOT_TIMEOUT;
     let mut stream = loop {
         if let Some(status) = child.try_wait().ok().flatten() {
-            return Err(EngineError::Backend(format!(
-                "the hypervisor exited during boot ({status}); see {} and {}",
-                paths.console.display(),
-                paths.dir.join("hypervisor.log").display()
-            )));
+            return Err(hypervisor_died(status, paths));
         }
         let slice = (Instant::now() + Duration::from_secs(1)).min(deadline);
         match transport.connect(slice) {
@@ -380,11 +401,7 @@ fn run_vm(
                 ) =>
             {
                 if let Some(status) = child.try_wait().ok().flatten() {
-                    return Err(EngineError::Backend(format!(
-                        "the VM stopped before its agent answered ({status}); the console log \
-                         {} says why",
-                        paths.console.display()
-                    )));
+                    return Err(hypervisor_died(status, paths));
                 }
                 if Instant::now() >= deadline {
                     return Err(EngineError::Agent(format!(
@@ -396,10 +413,14 @@ fn run_vm(
                 }
             }
             Err(e) => {
+                // A hypervisor that dies takes the agent's socket with it: say why it died.
+                if let Some(status) = wait_child(child, Duration::from_secs(1)) {
+                    return Err(hypervisor_died(status, paths));
+                }
                 return Err(EngineError::Agent(format!(
                     "reading the agent's hello: {e}; see {}",
                     paths.console.display()
-                )))
+                )));
             }
         }
     };

@@ -711,6 +711,10 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
             "too small",
         ),
         (
+            vec!["run", "--rm", "--memory", "64T", "kiln/default", "true"],
+            "more than this host has",
+        ),
+        (
             vec!["run", "--rm", "--cpus", "0", "kiln/default", "true"],
             "--cpus",
         ),
@@ -772,6 +776,27 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
     );
     let ps = root.kiln(&["ps", "-a", "-q"]);
     assert_eq!(text(&ps.stdout), "", "--rm removed the failed VM");
+    assert!(root.vm_dirs().is_empty());
+    // A hypervisor that starts and dies at once: its own words reach the user.
+    let fake = root.dir.join("fake-qemu.sh");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'fake-qemu: cannot set up guest memory' >&2\nexit 1\n",
+    )
+    .expect("write fake qemu");
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let out = root
+        .command(&["run", "--rm", "--backend", "qemu", "kiln/default", "true"])
+        .env("KILN_QEMU", &fake)
+        .output()
+        .expect("run kiln");
+    assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("fake-qemu: cannot set up guest memory"),
+        "{}",
+        describe(&out)
+    );
     assert!(root.vm_dirs().is_empty());
     assert_no_processes(&root.dir);
 }

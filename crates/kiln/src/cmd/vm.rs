@@ -266,6 +266,19 @@ fn parse_env_file(path: &Path) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
+/// The host's RAM in bytes (MemTotal), if /proc/meminfo says.
+fn host_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
+}
+
 fn create_options(args: &CreateArgs) -> anyhow::Result<CreateOptions> {
     let memory = parse_size(&args.memory).map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
     let memory_mib = memory / (1 << 20);
@@ -277,6 +290,15 @@ fn create_options(args: &CreateArgs) -> anyhow::Result<CreateOptions> {
     }
     let memory_mib = u32::try_from(memory_mib)
         .map_err(|_| anyhow::anyhow!("--memory {} is too large", args.memory))?;
+    if let Some(host) = host_memory() {
+        if memory > host {
+            bail!(
+                "--memory {} is more than this host has ({}): give less",
+                args.memory,
+                kiln_image::human_size(host)
+            );
+        }
+    }
     let disk_size = match &args.size {
         Some(size) => parse_size(size).map_err(|e| anyhow::anyhow!("--size: {e}"))?,
         None => 0,
