@@ -1127,10 +1127,16 @@ fn stop_kills_a_process_that_ignores_sigterm() {
         "kiln/default",
         "sh",
         "-c",
-        "trap '' TERM; while :; do sleep 1; done",
+        "trap '' TERM; echo ready; while :; do sleep 1; done",
     ]);
     assert!(out.status.success(), "{}", describe(&out));
     root.wait_status(name, "running", Duration::from_secs(120));
+    // Only once the shell has set its trap does SIGTERM meet a process that ignores it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while text(&root.kiln(&["logs", name]).stdout) != "ready\n" {
+        assert!(Instant::now() < deadline, "the shell never got ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let out = root.kiln(&["stop", "-t", "1", name]);
     assert!(out.status.success(), "{}", describe(&out));
     let record = root.inspect(name);
