@@ -26,6 +26,15 @@ fn main() {
             embedded.display()
         )
     });
+    // Its digest, computed once here rather than on every `kiln create`: part of the key of
+    // the cached initramfs.
+    use sha2::Digest;
+    let data = std::fs::read(&embedded).expect("reading the embedded kiln-init");
+    let digest: String = sha2::Sha256::digest(&data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    println!("cargo:rustc-env=KILN_INIT_SHA256={digest}");
 }
 
 fn build_agent(out_dir: &Path) -> PathBuf {

@@ -13,6 +13,9 @@ use crate::error::{EngineError, Result};
 /// The static kiln-init executable.
 pub static KILN_INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kiln-init"));
 
+/// `sha256` of [`KILN_INIT`] (hex), computed by `build.rs`.
+pub const KILN_INIT_SHA256: &str = env!("KILN_INIT_SHA256");
+
 /// The kernel and initramfs one VM boots.
 #[derive(Debug, Clone)]
 pub struct BootFiles {
@@ -34,7 +37,7 @@ pub fn boot_files(kiln_root: &Path, kernel: &KernelRecord) -> Result<BootFiles> 
     key.update(kernel.kernel_digest.as_bytes());
     key.update(format!("{:?}", kernel.modules_dir).as_bytes());
     key.update(INITRAMFS_VERSION.to_le_bytes());
-    key.update(KILN_INIT);
+    key.update(KILN_INIT_SHA256.as_bytes());
     let key = hex(&key.finalize());
     let dir = kiln_root.join("initramfs");
     std::fs::create_dir_all(&dir).map_err(|e| EngineError::io("create", &dir, e))?;

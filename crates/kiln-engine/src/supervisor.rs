@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdin};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -25,7 +25,7 @@ use kiln_agent_protocol::{
 use crate::backend::{backend, LaunchSpec, Launched, NetworkMode};
 use crate::control::{log_tag, ControlEvent, ControlRequest};
 use crate::error::{EngineError, Result};
-use crate::state::{StateStore, VmStatus};
+use crate::state::{now_ms, StateStore, VmStatus};
 use crate::vm::{VmPaths, VmSpec};
 
 /// The main process's session id.
@@ -99,13 +99,6 @@ impl Shared {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Runs the supervisor of VM `id` until the VM has stopped. `wait_attach`: hold the main
@@ -984,12 +977,5 @@ fn forward_input(mut stream: UnixStream, shared: &Shared, session: SessionId) ->
             }
             _ => {}
         }
-    }
-}
-
-impl VmPaths {
-    /// The supervisor's own log (its stdout and stderr).
-    pub fn supervisor_log(&self) -> PathBuf {
-        self.dir.join("supervisor.log")
     }
 }

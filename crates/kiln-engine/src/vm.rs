@@ -17,7 +17,7 @@ use crate::backend::{backend, BackendKind, NetworkMode};
 use crate::control::{ControlEvent, ControlRequest};
 use crate::error::{EngineError, Result};
 use crate::guest::{boot_files, BootFiles};
-use crate::state::{NewVm, StateStore, VmRecord, VmStatus};
+use crate::state::{now_ms, NewVm, StateStore, VmRecord, VmStatus};
 
 /// Where one VM's files live (`<kiln root>/vms/<short id>/`).
 #[derive(Debug, Clone)]
@@ -47,6 +47,11 @@ impl VmPaths {
             control: dir.join("control.sock"),
             lock: dir.join("supervisor.lock"),
         }
+    }
+
+    /// The supervisor's own log (its stdout and stderr).
+    pub fn supervisor_log(&self) -> PathBuf {
+        self.dir.join("supervisor.log")
     }
 }
 
@@ -153,13 +158,6 @@ pub struct Engine {
 
 /// The default `PATH` of a process whose image sets none.
 pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 impl Engine {
     /// Opens the engine on `root` (the kiln root).
@@ -407,18 +405,11 @@ impl Engine {
 
     /// The record with its status corrected if its supervisor died without saying so.
     pub fn refresh(&self, record: &VmRecord) -> Result<VmRecord> {
-        let live = matches!(
-            record.status,
-            VmStatus::Starting | VmStatus::Running | VmStatus::Stopping
-        );
-        if live && !supervisor_alive(record) {
+        if record.status.is_active() && !supervisor_alive(record) {
             // Re-check under the store's transaction: the supervisor may just have finished.
             let pid = record.supervisor_pid;
             let updated = self.state.update(&record.id, |r| {
-                if matches!(
-                    r.status,
-                    VmStatus::Starting | VmStatus::Running | VmStatus::Stopping
-                ) {
+                if r.status.is_active() {
                     r.status = VmStatus::Exited;
                     r.status_reason = Some(match pid {
                         Some(pid) => format!("supervisor died (pid {pid})"),
@@ -448,7 +439,7 @@ impl Engine {
         let mut out = Vec::new();
         for record in self.state.list(true)? {
             let record = self.refresh(&record)?;
-            if all || record.status != VmStatus::Exited && record.status != VmStatus::Created {
+            if all || record.status.is_active() {
                 out.push(record);
             }
         }
@@ -633,6 +624,30 @@ fn kill_if_ours(pid: u32, dir: &Path) {
     }
 }
 
+/// Applies `-e` overrides to `env` (`KEY=VALUE` lists): `KEY=VALUE` replaces or adds,
+/// `KEY` alone takes kiln's own value (and is skipped if kiln has none), as Docker does.
+pub fn merge_env(env: &mut Vec<String>, overrides: &[String]) -> Result<()> {
+    for entry in overrides {
+        let entry = if entry.contains('=') {
+            entry.clone()
+        } else {
+            match std::env::var(entry) {
+                Ok(value) => format!("{entry}={value}"),
+                Err(_) => continue,
+            }
+        };
+        let key = entry.split('=').next().unwrap_or("").to_string();
+        if key.is_empty() {
+            return Err(EngineError::Invalid(format!(
+                "bad environment variable {entry:?}: use KEY=VALUE"
+            )));
+        }
+        env.retain(|e| e.split('=').next() != Some(key.as_str()));
+        env.push(entry);
+    }
+    Ok(())
+}
+
 /// The main process from the image config and the user's overrides, Docker's rules:
 /// `--entrypoint` replaces Entrypoint (and drops Cmd), a command replaces Cmd, env from the
 /// image then `-e`, working dir and user from the flag or the image.
@@ -669,24 +684,7 @@ pub fn process_from_image(
     let mut env: Vec<String> = image_config
         .and_then(|c| c.env().clone())
         .unwrap_or_default();
-    for entry in &options.env {
-        let entry = if entry.contains('=') {
-            entry.clone()
-        } else {
-            match std::env::var(entry) {
-                Ok(value) => format!("{entry}={value}"),
-                Err(_) => continue,
-            }
-        };
-        let key = entry.split('=').next().unwrap_or("").to_string();
-        if key.is_empty() {
-            return Err(EngineError::Invalid(format!(
-                "bad environment variable {entry:?}: use KEY=VALUE"
-            )));
-        }
-        env.retain(|e| e.split('=').next() != Some(key.as_str()));
-        env.push(entry);
-    }
+    merge_env(&mut env, &options.env)?;
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         env.insert(0, DEFAULT_PATH.to_string());
     }

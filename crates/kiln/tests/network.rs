@@ -9,10 +9,13 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
+
+mod common;
+
+use common::{describe, missing_boot_prerequisite, text, Root};
 
 /// Why these tests cannot run here, if they cannot.
 fn missing_prerequisite() -> Option<String> {
@@ -20,24 +23,8 @@ fn missing_prerequisite() -> Option<String> {
     if unsafe { libc::geteuid() } != 0 {
         return Some("bridge networking needs root (network namespaces, taps, nftables)".into());
     }
-    if !Path::new("/usr/bin/qemu-system-x86_64").exists() {
-        return Some(
-            "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)".into(),
-        );
-    }
-    let has_kernel = std::fs::read_dir("/boot")
-        .map(|d| {
-            d.flatten().any(|e| {
-                let n = e.file_name().to_string_lossy().to_string();
-                n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64")
-            })
-        })
-        .unwrap_or(false);
-    if !has_kernel {
-        return Some(
-            "Debian's cloud kernel is not installed (apt-get install linux-image-cloud-amd64)"
-                .into(),
-        );
+    if let Some(why) = missing_boot_prerequisite() {
+        return Some(why);
     }
     if !Path::new("/dev/net/tun").exists() {
         return Some("/dev/net/tun is missing (modprobe tun)".into());
@@ -87,93 +74,28 @@ macro_rules! require_prerequisites {
     };
 }
 
-/// A kiln root directory, removed (after `rm -f` of its VMs) on drop.
-struct Root {
-    dir: PathBuf,
+/// `kiln` on the bridge network.
+trait BridgeRoot {
+    /// `kiln ARGS` with `KILN_SUBNET` set to `subnet` (unset for `None`).
+    fn kiln_with_subnet(&self, args: &[&str], subnet: Option<&str>) -> Output;
+    /// `kiln run` on the bridge with the QEMU backend and `args` after the flags.
+    fn run(&self, args: &[&str]) -> Output;
 }
 
-impl Root {
-    fn new(name: &str) -> Root {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-            "kiln-net-{name}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create kiln root");
-        Root { dir }
-    }
-
-    fn kiln(&self, args: &[&str]) -> Output {
-        self.kiln_with_subnet(args, None)
-    }
-
+impl BridgeRoot for Root {
     fn kiln_with_subnet(&self, args: &[&str], subnet: Option<&str>) -> Output {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
-        command
-            .args(args)
-            .env("KILN_ROOT", &self.dir)
-            .env_remove("KILN_SUBNET")
-            .stdin(Stdio::null());
+        let mut command = self.command(args);
         if let Some(subnet) = subnet {
             command.env("KILN_SUBNET", subnet);
         }
         command.output().expect("run kiln")
     }
 
-    /// `kiln run` on the bridge with the QEMU backend and `args` after the flags.
     fn run(&self, args: &[&str]) -> Output {
         let mut all = vec!["run", "--backend", "qemu", "--network", "bridge"];
         all.extend_from_slice(args);
         self.kiln(&all)
     }
-
-    fn inspect(&self, vm: &str) -> serde_json::Value {
-        let out = self.kiln(&["inspect", vm]);
-        assert!(out.status.success(), "inspect {vm}: {}", describe(&out));
-        let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect json");
-        list[0].clone()
-    }
-
-    fn wait_status(&self, vm: &str, status: &str, timeout: Duration) -> serde_json::Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let record = self.inspect(vm);
-            if record["status"] == status {
-                return record;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "VM {vm} did not reach {status}: {record}\nconsole:\n{}",
-                text(&self.kiln(&["logs", "--console", vm]).stdout)
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-impl Drop for Root {
-    fn drop(&mut self) {
-        let out = self.kiln(&["ps", "-a", "-q"]);
-        for id in text(&out.stdout).lines() {
-            let _ = self.kiln(&["rm", "-f", id]);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    )
 }
 
 /// The kiln tap devices in this thread's network namespace.
@@ -208,7 +130,7 @@ fn pid_alive(pid: i32) -> bool {
 #[test]
 fn bridge_gives_address_route_and_reaches_the_host() {
     require_prerequisites!();
-    let root = Root::new("basic");
+    let root = Root::new("kiln-net", "basic");
     // The host side of the bridge: a listener in this namespace (any address, so it can be
     // bound before kiln makes 10.88.0.1).
     let listener = TcpListener::bind("0.0.0.0:0").expect("listen");
@@ -287,7 +209,7 @@ fn bridge_gives_address_route_and_reaches_the_host() {
 #[test]
 fn two_vms_get_different_addresses_and_reach_each_other() {
     require_prerequisites!();
-    let root = Root::new("pair");
+    let root = Root::new("kiln-net", "pair");
     // At once, on a namespace without a bridge yet: both make sure of it under the lock and
     // lease concurrently. (Threads spawned here inherit this thread's namespace.)
     std::thread::scope(|scope| {
@@ -373,7 +295,7 @@ fn two_vms_get_different_addresses_and_reach_each_other() {
 #[test]
 fn a_killed_supervisors_tap_goes_with_rm_and_prune() {
     require_prerequisites!();
-    let root = Root::new("kill9");
+    let root = Root::new("kiln-net", "kill9");
     for name in ["victim", "victim2"] {
         let out = root.run(&[
             "-d",
@@ -426,7 +348,7 @@ fn a_killed_supervisors_tap_goes_with_rm_and_prune() {
 #[test]
 fn network_flag_errors_are_clear() {
     // No namespace or VM needed: refused before anything is made.
-    let root = Root::new("flags");
+    let root = Root::new("kiln-net", "flags");
     let out = root.kiln(&[
         "run",
         "--backend",
@@ -462,7 +384,7 @@ fn network_flag_errors_are_clear() {
 #[test]
 fn bridge_failures_leave_nothing_and_kiln_subnet_is_honoured() {
     require_prerequisites!();
-    let root = Root::new("fail");
+    let root = Root::new("kiln-net", "fail");
     // Something else holds the bridge's name: a clear error, no VM, no tap, no table.
     let out = Command::new("ip")
         .args(["tuntap", "add", "dev", "kiln0", "mode", "tap"])
@@ -533,7 +455,7 @@ fn bridge_failures_leave_nothing_and_kiln_subnet_is_honoured() {
 #[test]
 fn guests_take_the_uplink_mtu_when_it_is_smaller() {
     require_prerequisites!();
-    let root = Root::new("mtu");
+    let root = Root::new("kiln-net", "mtu");
     // An uplink with a 1400-byte MTU carrying the default route, as on this kind of cloud host.
     for args in [
         &["tuntap", "add", "dev", "uplink0", "mode", "tap"][..],

@@ -9,147 +9,34 @@
 #[allow(missing_docs, clippy::unwrap_used)]
 mod registry;
 
+mod common;
+
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::{Child, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kiln_image::oci::{ImageBuilder, LayerBuilder};
 use kiln_image::Compression;
 
-/// Why a test cannot run here, if it cannot.
-fn missing_prerequisite() -> Option<String> {
-    if !Path::new("/usr/bin/qemu-system-x86_64").exists() {
-        return Some(
-            "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)".into(),
-        );
-    }
-    let has_kernel = std::fs::read_dir("/boot")
-        .map(|d| {
-            d.flatten().any(|e| {
-                let n = e.file_name().to_string_lossy().to_string();
-                n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64")
-            })
-        })
-        .unwrap_or(false);
-    if !has_kernel {
-        return Some(
-            "Debian's cloud kernel is not installed (apt-get install linux-image-cloud-amd64)"
-                .into(),
-        );
-    }
-    None
-}
+use common::{describe, missing_boot_prerequisite, text, Root};
 
 macro_rules! require_prerequisites {
     () => {
-        if let Some(why) = missing_prerequisite() {
+        if let Some(why) = missing_boot_prerequisite() {
             eprintln!("SKIPPED: {why}");
             return;
         }
     };
 }
 
-/// A kiln root directory, removed (after `rm -f` of its VMs) on drop.
-struct Root {
-    dir: PathBuf,
-}
-
-impl Root {
-    fn new(name: &str) -> Root {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-            "kiln-run-{name}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create kiln root");
-        Root { dir }
-    }
-
-    fn kiln(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("run kiln")
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
-        command
-            .args(args)
-            .env("KILN_ROOT", &self.dir)
-            .stdin(Stdio::null());
-        command
-    }
-
-    fn vm_dirs(&self) -> Vec<String> {
-        std::fs::read_dir(self.dir.join("vms"))
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().to_string())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    fn inspect(&self, vm: &str) -> serde_json::Value {
-        let out = self.kiln(&["inspect", vm]);
-        assert!(out.status.success(), "inspect {vm}: {}", text(&out.stderr));
-        let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect json");
-        list[0].clone()
-    }
-
-    fn wait_status(&self, vm: &str, status: &str, timeout: Duration) -> serde_json::Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let record = self.inspect(vm);
-            if record["status"] == status {
-                return record;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "VM {vm} did not reach {status}: {record}\nconsole:\n{}",
-                self.console(vm)
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn console(&self, vm: &str) -> String {
-        text(&self.kiln(&["logs", "--console", vm]).stdout)
-    }
-}
-
-impl Drop for Root {
-    fn drop(&mut self) {
-        let out = self.kiln(&["ps", "-a", "-q"]);
-        for id in text(&out.stdout).lines() {
-            let _ = self.kiln(&["rm", "-f", id]);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// The root most tests share.
 fn shared() -> &'static Root {
     static SHARED: OnceLock<Root> = OnceLock::new();
-    SHARED.get_or_init(|| Root::new("shared"))
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    )
+    SHARED.get_or_init(|| Root::new("kiln-run", "shared"))
 }
 
 /// A test registry with an image whose config sets Entrypoint, Cmd, Env, WorkingDir and User.
@@ -218,7 +105,7 @@ fn image_reference() -> String {
 #[test]
 fn run_rm_echo_prints_hi_and_leaves_nothing() {
     require_prerequisites!();
-    let root = Root::new("echo");
+    let root = Root::new("kiln-run", "echo");
     let out = root.kiln(&["run", "--rm", "kiln/default", "echo", "hi"]);
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(text(&out.stdout), "hi\n", "{}", describe(&out));
@@ -504,90 +391,123 @@ fn openpty(rows: u16, cols: u16) -> (OwnedFd, OwnedFd) {
     unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }
 }
 
+/// `kiln ARGS` on a pseudo-terminal of its own (its controlling terminal), as a person at a
+/// terminal runs it; everything it writes is collected.
+struct PtyKiln {
+    child: KillOnDrop,
+    master: std::fs::File,
+    output: std::sync::Arc<Mutex<Vec<u8>>>,
+}
+
+impl PtyKiln {
+    fn spawn(root: &Root, args: &[&str], rows: u16, cols: u16) -> PtyKiln {
+        let (master, slave) = openpty(rows, cols);
+        let mut command = root.command(args);
+        let slave_fd = slave.as_raw_fd();
+        command
+            .stdin(Stdio::from(slave.try_clone().expect("dup")))
+            .stdout(Stdio::from(slave.try_clone().expect("dup")))
+            .stderr(Stdio::from(slave));
+        // SAFETY: setsid and ioctl are async-signal-safe; runs between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                libc::setsid();
+                libc::ioctl(slave_fd, libc::TIOCSCTTY, 0);
+                Ok(())
+            });
+        }
+        let child = KillOnDrop(command.spawn().expect("kiln on a pty"));
+        let master = std::fs::File::from(master);
+        let output = std::sync::Arc::new(Mutex::new(Vec::<u8>::new()));
+        {
+            let output = output.clone();
+            let mut reader = master.try_clone().expect("dup master");
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = reader.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    output.lock().expect("lock").extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+        PtyKiln {
+            child,
+            master,
+            output,
+        }
+    }
+
+    /// Everything on the terminal so far.
+    fn seen(&self) -> String {
+        text(&self.output.lock().expect("lock"))
+    }
+
+    /// Waits until `needle` is on the terminal.
+    fn wait_for(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !self.seen().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} on the terminal: {}",
+                self.seen()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the shell prompt, then a moment: busybox ash sets up its line editor just
+    /// after printing the prompt and drops input that arrives during that (a person would not
+    /// type within milliseconds either).
+    fn wait_for_prompt(&self) {
+        self.wait_for("# ");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+
+    /// Types `bytes`.
+    fn type_in(&mut self, bytes: &[u8]) {
+        self.master.write_all(bytes).expect("type");
+    }
+
+    /// Waits for kiln to exit.
+    fn wait_exit(&mut self, what: &str) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.0.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "kiln did not end {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 #[test]
 fn interactive_tty_session_through_a_pty() {
     require_prerequisites!();
     let root = shared();
-    let (master, slave) = openpty(33, 101);
-    let mut command = root.command(&["run", "--rm", "-it", "kiln/default", "sh"]);
-    let slave_fd = slave.as_raw_fd();
-    command
-        .stdin(Stdio::from(slave.try_clone().expect("dup")))
-        .stdout(Stdio::from(slave.try_clone().expect("dup")))
-        .stderr(Stdio::from(slave));
-    // SAFETY: setsid and ioctl are async-signal-safe; runs between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
-            libc::setsid();
-            libc::ioctl(slave_fd, libc::TIOCSCTTY, 0);
-            Ok(())
-        });
-    }
-    let mut guard = KillOnDrop(command.spawn().expect("kiln run -it"));
-    let child = &mut guard.0;
-    let mut master = std::fs::File::from(master);
-    let output = std::sync::Arc::new(Mutex::new(Vec::<u8>::new()));
-    {
-        let output = output.clone();
-        let mut reader = master.try_clone().expect("dup master");
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = reader.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                output.lock().expect("lock").extend_from_slice(&buf[..n]);
-            }
-        });
-    }
-    let wait_for = |needle: &str| {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if text(&output.lock().expect("lock")).contains(needle) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} on the terminal: {}",
-                text(&output.lock().expect("lock"))
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
-    wait_for("# ");
-    // busybox ash sets up its line editor just after printing the prompt and drops input that
-    // arrives during that; a person would not type within milliseconds either.
-    std::thread::sleep(Duration::from_secs(1));
-    master
-        .write_all(b"tty && stty size && echo $((6*7))x\r")
-        .expect("type");
-    wait_for("42x");
-    let seen = text(&output.lock().expect("lock"));
+    let mut pty = PtyKiln::spawn(root, &["run", "--rm", "-it", "kiln/default", "sh"], 33, 101);
+    pty.wait_for_prompt();
+    pty.type_in(b"tty && stty size && echo $((6*7))x\r");
+    pty.wait_for("42x");
+    let seen = pty.seen();
     assert!(seen.contains("/dev/pts/"), "a real tty: {seen}");
     assert!(
         seen.contains("33 101"),
         "the window size reached the guest: {seen}"
     );
     // Ctrl-C interrupts the foreground command, not the session.
-    master.write_all(b"sleep 100\r").expect("type");
+    pty.type_in(b"sleep 100\r");
     std::thread::sleep(Duration::from_secs(2));
-    master.write_all(&[3]).expect("ctrl-c");
-    master.write_all(b"echo after-$((1+1))\r").expect("type");
-    wait_for("after-2");
+    pty.type_in(&[3]);
+    pty.type_in(b"echo after-$((1+1))\r");
+    pty.wait_for("after-2");
     // Ctrl-D ends the shell; its status is kiln's.
-    master
-        .write_all(b"sh -c 'exit 4'; echo was-$?\r")
-        .expect("type");
-    wait_for("was-4");
-    master.write_all(&[4]).expect("ctrl-d");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "kiln did not end after Ctrl-D");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    pty.type_in(b"sh -c 'exit 4'; echo was-$?\r");
+    pty.wait_for("was-4");
+    pty.type_in(&[4]);
+    let status = pty.wait_exit("after Ctrl-D");
     assert_eq!(status.code(), Some(0));
 }
 
@@ -644,7 +564,7 @@ fn eight_vms_at_once_all_work_and_ps_lists_them() {
 #[test]
 fn killed_supervisor_leaves_consistent_state_and_rm_cleans_everything() {
     require_prerequisites!();
-    let root = Root::new("kill9");
+    let root = Root::new("kiln-run", "kill9");
     let out = root.kiln(&[
         "run",
         "-d",
@@ -692,7 +612,7 @@ fn killed_supervisor_leaves_consistent_state_and_rm_cleans_everything() {
 #[test]
 fn bad_input_is_refused_clearly_and_leaves_nothing() {
     require_prerequisites!();
-    let root = Root::new("bad");
+    let root = Root::new("kiln-run", "bad");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec!["run", "--rm", "localhost:1/no/such-image:v1", "true"],
@@ -936,7 +856,7 @@ fn attach_shows_the_serial_console() {
 #[test]
 fn system_prune_removes_stopped_vms_only() {
     require_prerequisites!();
-    let root = Root::new("prune");
+    let root = Root::new("kiln-run", "prune");
     let out = root.kiln(&["create", "--name", "idle", "kiln/default", "true"]);
     assert!(out.status.success(), "{}", describe(&out));
     let out = root.kiln(&[
@@ -1003,54 +923,17 @@ fn ctrl_p_ctrl_q_detaches_and_the_vm_runs_on() {
     require_prerequisites!();
     let root = shared();
     let name = "e2e-detach";
-    let (master, slave) = openpty(24, 80);
-    let mut command = root.command(&["run", "-it", "--name", name, "kiln/default", "sh"]);
-    let slave_fd = slave.as_raw_fd();
-    command
-        .stdin(Stdio::from(slave.try_clone().expect("dup")))
-        .stdout(Stdio::from(slave.try_clone().expect("dup")))
-        .stderr(Stdio::from(slave));
-    // SAFETY: setsid and ioctl are async-signal-safe; runs between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
-            libc::setsid();
-            libc::ioctl(slave_fd, libc::TIOCSCTTY, 0);
-            Ok(())
-        });
-    }
-    let mut guard = KillOnDrop(command.spawn().expect("kiln run -it"));
-    let mut master = std::fs::File::from(master);
-    let output = std::sync::Arc::new(Mutex::new(Vec::<u8>::new()));
-    {
-        let output = output.clone();
-        let mut reader = master.try_clone().expect("dup master");
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = reader.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                output.lock().expect("lock").extend_from_slice(&buf[..n]);
-            }
-        });
-    }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !text(&output.lock().expect("lock")).contains("# ") {
-        assert!(Instant::now() < deadline, "no prompt");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_secs(1));
-    master.write_all(&[0x10, 0x11]).expect("ctrl-p ctrl-q");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = guard.0.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "kiln did not detach");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let mut pty = PtyKiln::spawn(
+        root,
+        &["run", "-it", "--name", name, "kiln/default", "sh"],
+        24,
+        80,
+    );
+    pty.wait_for_prompt();
+    pty.type_in(&[0x10, 0x11]);
+    let status = pty.wait_exit("after Ctrl-P Ctrl-Q");
     assert_eq!(status.code(), Some(0));
-    assert!(text(&output.lock().expect("lock")).contains("detached"));
+    assert!(pty.seen().contains("detached"));
     assert_eq!(root.inspect(name)["status"], "running", "the VM runs on");
     let out = root.kiln(&["exec", name, "echo", "still-here"]);
     assert_eq!(text(&out.stdout), "still-here\n", "{}", describe(&out));
@@ -1061,7 +944,7 @@ fn ctrl_p_ctrl_q_detaches_and_the_vm_runs_on() {
 #[test]
 fn a_kernel_in_use_by_a_vm_is_not_removed() {
     require_prerequisites!();
-    let root = Root::new("kernel-in-use");
+    let root = Root::new("kiln-run", "kernel-in-use");
     let out = root.kiln(&["create", "--name", "user", "kiln/default", "true"]);
     assert!(out.status.success(), "{}", describe(&out));
     let out = root.kiln(&["kernel", "rm", "default"]);

@@ -240,6 +240,34 @@ pub(crate) fn die_with_parent(command: &mut std::process::Command) {
     }
 }
 
+/// Tries `attempt` until it succeeds or `deadline` has passed, pausing `pause` in between:
+/// how transports wait for a guest whose agent is not listening yet. The last error is
+/// returned.
+pub(crate) fn retry_until<T>(
+    deadline: Instant,
+    pause: std::time::Duration,
+    mut attempt: impl FnMut() -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    loop {
+        match attempt() {
+            Ok(value) => return Ok(value),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(pause),
+        }
+    }
+}
+
+/// `program`, or the backend error `missing` (which says how to install it) if it was not
+/// found.
+pub(crate) fn require_program<'a>(
+    program: &'a Option<PathBuf>,
+    missing: &str,
+) -> Result<&'a PathBuf> {
+    program
+        .as_ref()
+        .ok_or_else(|| EngineError::Backend(missing.to_string()))
+}
+
 /// Finds an executable: an explicit path from `env_var`, next to the running `kiln`, or in
 /// `PATH`.
 pub(crate) fn find_program(env_var: &str, name: &str) -> Option<PathBuf> {

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use kiln_agent_protocol::{GuestConfig, InterfaceConfig, SERIAL_PORT_NAME};
 
 use super::{
-    die_with_parent, find_program, kvm_support, AgentTransport, Backend, BackendKind, KvmSupport,
-    LaunchSpec, Launched, NetworkMode, BASE_CMDLINE,
+    die_with_parent, find_program, kvm_support, require_program, retry_until, AgentTransport,
+    Backend, BackendKind, KvmSupport, LaunchSpec, Launched, NetworkMode, BASE_CMDLINE,
 };
 use crate::error::{EngineError, Result};
 
@@ -30,13 +30,11 @@ impl QemuBackend {
     }
 
     fn program(&self) -> Result<&PathBuf> {
-        self.program.as_ref().ok_or_else(|| {
-            EngineError::Backend(
-                "qemu-system-x86_64 not found: install the Debian package qemu-system-x86 \
-                 (or set KILN_QEMU to its path)"
-                    .into(),
-            )
-        })
+        require_program(
+            &self.program,
+            "qemu-system-x86_64 not found: install the Debian package qemu-system-x86 \
+             (or set KILN_QEMU to its path)",
+        )
     }
 }
 
@@ -188,18 +186,15 @@ struct ConsolePortTransport {
 
 impl AgentTransport for ConsolePortTransport {
     fn connect(&self, deadline: Instant) -> Result<UnixStream> {
-        loop {
-            match UnixStream::connect(&self.socket) {
-                Ok(stream) => return Ok(stream),
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(EngineError::Agent(format!(
-                        "could not connect to the agent port {}: {e}",
-                        self.socket.display()
-                    )))
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        }
+        retry_until(deadline, Duration::from_millis(10), || {
+            UnixStream::connect(&self.socket)
+        })
+        .map_err(|e| {
+            EngineError::Agent(format!(
+                "could not connect to the agent port {}: {e}",
+                self.socket.display()
+            ))
+        })
     }
 
     fn describe(&self) -> String {

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use kiln_agent_protocol::{GuestConfig, VSOCK_PORT};
 
 use super::{
-    die_with_parent, find_program, kvm_support, AgentTransport, Backend, BackendKind, KvmSupport,
-    LaunchSpec, Launched, NetworkMode, BASE_CMDLINE,
+    die_with_parent, find_program, kvm_support, require_program, retry_until, AgentTransport,
+    Backend, BackendKind, KvmSupport, LaunchSpec, Launched, NetworkMode, BASE_CMDLINE,
 };
 use crate::error::{EngineError, Result};
 
@@ -31,11 +31,10 @@ impl VmmBackend {
     }
 
     fn program(&self) -> Result<&PathBuf> {
-        self.program.as_ref().ok_or_else(|| {
-            EngineError::Backend(
-                "kiln-vmm not found: put it next to kiln or in PATH (or set KILN_VMM)".into(),
-            )
-        })
+        require_program(
+            &self.program,
+            "kiln-vmm not found: put it next to kiln or in PATH (or set KILN_VMM)",
+        )
     }
 }
 
@@ -163,19 +162,13 @@ impl VsockTransport {
 
 impl AgentTransport for VsockTransport {
     fn connect(&self, deadline: Instant) -> Result<UnixStream> {
-        loop {
-            match self.try_connect() {
-                Ok(stream) => return Ok(stream),
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(EngineError::Agent(format!(
-                        "could not reach the agent on vsock port {} through {}: {e}",
-                        self.port,
-                        self.socket.display()
-                    )))
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
+        retry_until(deadline, Duration::from_millis(20), || self.try_connect()).map_err(|e| {
+            EngineError::Agent(format!(
+                "could not reach the agent on vsock port {} through {}: {e}",
+                self.port,
+                self.socket.display()
+            ))
+        })
     }
 
     fn describe(&self) -> String {

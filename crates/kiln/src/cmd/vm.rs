@@ -858,10 +858,7 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<u8> {
         }
         if !progressed {
             let fresh = engine.get(&record.id);
-            let running = matches!(
-                fresh.as_ref().map(|r| r.status),
-                Ok(VmStatus::Running | VmStatus::Starting | VmStatus::Stopping)
-            );
+            let running = fresh.as_ref().is_ok_and(|r| r.status.is_active());
             if !running {
                 // One last read for output written just before the end.
                 if let Some(f) = file.as_mut() {
@@ -906,19 +903,7 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<u8> {
     let spec: kiln_engine::vm::VmSpec =
         serde_json::from_value(record.spec.clone()).context("reading the VM's stored spec")?;
     let mut env = spec.process.env.clone();
-    for entry in &args.env {
-        let entry = if entry.contains('=') {
-            entry.clone()
-        } else {
-            match std::env::var(entry) {
-                Ok(value) => format!("{entry}={value}"),
-                Err(_) => continue,
-            }
-        };
-        let key = entry.split('=').next().unwrap_or("").to_string();
-        env.retain(|e| e.split('=').next() != Some(key.as_str()));
-        env.push(entry);
-    }
+    kiln_engine::vm::merge_env(&mut env, &args.env)?;
     let process = kiln_agent_protocol::ProcessSpec {
         args: args.command.clone(),
         env,
