@@ -635,6 +635,10 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
             "more than this host has",
         ),
         (
+            vec!["run", "--rm", "-e", "=oops", "kiln/default", "true"],
+            "bad environment variable",
+        ),
+        (
             vec!["run", "--rm", "--cpus", "0", "kiln/default", "true"],
             "--cpus",
         ),
@@ -1031,4 +1035,26 @@ fn stop_kills_a_process_that_ignores_sigterm() {
     );
     let out = root.kiln(&["rm", name]);
     assert!(out.status.success(), "{}", describe(&out));
+}
+
+#[test]
+fn command_line_mistakes_are_refused_clearly() {
+    // None of these reaches a VM: no QEMU or kernel needed.
+    let root = Root::new("kiln-run", "cli");
+    let cases: [(&[&str], &str); 5] = [
+        (&["ps", "--format", "yaml"], "unknown --format"),
+        (&["cp", "a", "b"], "must be VM:PATH"),
+        (&["cp", "one:/a", "two:/b"], "between two VMs"),
+        (&["kill", "-s", "99", "vm"], "out of range"),
+        (&["logs", "no-such-vm"], "no such VM"),
+    ];
+    for (args, needle) in cases {
+        let out = root.kiln(args);
+        assert!(!out.status.success(), "{args:?}: {}", describe(&out));
+        assert!(
+            text(&out.stderr).contains(needle),
+            "{args:?}: the message names {needle:?}: {}",
+            describe(&out)
+        );
+    }
 }
