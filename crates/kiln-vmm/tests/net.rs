@@ -1058,7 +1058,11 @@ fn hostile_chains_leave_the_vmm_up_and_later_frames_flow() {
         }
         // The guest takes every frame of this phase before the next phase sends more.
         wait_count(&vmm, "net-pump: recv got=", phase);
-        assert_alive(&vmm, &format!("in RX phase {phase}"));
+        // After the last phase the guest finishes its script and resets the VM, so the VMM
+        // may rightly be on its way out; `wait_reset` checks that it ended cleanly.
+        if phase < 4 {
+            assert_alive(&vmm, &format!("in RX phase {phase}"));
+        }
     }
     let lines = wait_reset(&mut vmm);
     let recvs: Vec<(u64, u64)> = lines
