@@ -5,8 +5,9 @@
 //! type only says whether the blob is a layer at all.
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Receiver};
 
 use crate::error::{Error, Result};
 
@@ -104,7 +105,120 @@ pub fn sniff_compression(head: &[u8]) -> Compression {
     }
 }
 
-/// Opens a layer blob as a decompressed tar stream.
+/// A guess, without decompressing, at how many bytes of tar a layer holds: gzip's trailer
+/// (the size modulo 2^32 of the last member) for gzip blobs under 1 GiB, four times the
+/// blob for zstd and big gzip blobs, the blob's size for plain tar. Only used to decide
+/// where to unpack; [`crate::Rootfs`]'s own limit catches a wrong guess.
+pub(crate) fn unpacked_estimate(layer: &LayerSource) -> u64 {
+    let guess = || -> io::Result<u64> {
+        let mut file = File::open(&layer.path)?;
+        let size = file.metadata()?.len();
+        let mut head = [0u8; 4];
+        let n = file.read(&mut head)?;
+        Ok(match sniff_compression(&head[..n]) {
+            Compression::None => size,
+            Compression::Gzip if (18..1 << 30).contains(&size) => {
+                let mut trailer = [0u8; 4];
+                file.seek(SeekFrom::End(-4))?;
+                file.read_exact(&mut trailer)?;
+                u64::from(u32::from_le_bytes(trailer)).max(size)
+            }
+            Compression::Gzip | Compression::Zstd => size.saturating_mul(4),
+        })
+    };
+    // An unreadable blob fails properly when it is unpacked; only the guess is lost here.
+    guess().unwrap_or(u64::MAX)
+}
+
+/// Bytes of decompressed tar handed from the decompressing thread to the unpacker at a time.
+const CHUNK: usize = 256 * 1024;
+/// Chunks in flight between the two threads (2 MiB).
+const CHUNKS_AHEAD: usize = 8;
+
+/// The reading end of a decompressing thread: decompression (the biggest CPU cost of an
+/// unpack) runs on another core while this thread creates files.
+struct Pipelined {
+    rx: Receiver<io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    pos: usize,
+    done: bool,
+}
+
+impl Pipelined {
+    fn spawn(mut source: Box<dyn Read + Send>) -> io::Result<Pipelined> {
+        let (tx, rx) = sync_channel::<io::Result<Vec<u8>>>(CHUNKS_AHEAD);
+        std::thread::Builder::new()
+            .name("kiln-decompress".into())
+            .spawn(move || loop {
+                let mut chunk = vec![0u8; CHUNK];
+                let mut filled = 0;
+                while filled < CHUNK {
+                    match source.read(&mut chunk[filled..]) {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    }
+                }
+                chunk.truncate(filled);
+                let end = filled == 0;
+                // An empty chunk marks the end; a send fails once the reader is gone (the
+                // unpack stopped early), which ends the thread.
+                if tx.send(Ok(chunk)).is_err() || end {
+                    return;
+                }
+            })?;
+        Ok(Pipelined {
+            rx,
+            chunk: Vec::new(),
+            pos: 0,
+            done: false,
+        })
+    }
+}
+
+impl Read for Pipelined {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        while self.pos == self.chunk.len() {
+            if self.done {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Ok(chunk)) => {
+                    self.done = chunk.is_empty();
+                    self.chunk = chunk;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => {
+                    self.done = true;
+                    self.chunk.clear();
+                    self.pos = 0;
+                    return Err(e);
+                }
+                // The thread ended without the end marker: never pass that off as the end of
+                // the tar stream.
+                Err(_) => {
+                    return Err(io::Error::other(
+                        "decompression thread ended before the end of the layer",
+                    ))
+                }
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Opens a layer blob as a decompressed tar stream; compressed layers are decompressed on
+/// a thread of their own, ahead of the reader.
 pub(crate) fn open_layer(index: usize, layer: &LayerSource) -> Result<Box<dyn Read>> {
     let declared = if layer.media_type.trim().is_empty() {
         None
@@ -133,13 +247,14 @@ pub(crate) fn open_layer(index: usize, layer: &LayerSource) -> Result<Box<dyn Re
             "layer compression differs from its media type; using the magic bytes"
         );
     }
-    Ok(match actual {
-        Compression::None => Box::new(reader),
+    let decoder: Box<dyn Read + Send> = match actual {
+        Compression::None => return Ok(Box::new(reader)),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(reader)),
         Compression::Zstd => {
             Box::new(zstd::stream::read::Decoder::with_buffer(reader).map_err(layer_err)?)
         }
-    })
+    };
+    Ok(Box::new(Pipelined::spawn(decoder).map_err(layer_err)?))
 }
 
 #[cfg(test)]
@@ -168,6 +283,58 @@ mod tests {
             declared_compression("application/vnd.oci.image.layer.v1.tar+gzip+encrypted"),
             None
         );
+    }
+
+    #[test]
+    fn pipelined_reader_passes_data_and_errors_through() {
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let mut out = Vec::new();
+        Pipelined::spawn(Box::new(io::Cursor::new(data.clone())))
+            .expect("spawn")
+            .read_to_end(&mut out)
+            .expect("read");
+        assert_eq!(out, data);
+
+        /// Gives `self.0` bytes, then fails.
+        struct Failing(usize);
+        impl Read for Failing {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(io::Error::other("boom"));
+                }
+                let n = buf.len().min(self.0);
+                buf[..n].fill(7);
+                self.0 -= n;
+                Ok(n)
+            }
+        }
+        let mut out = Vec::new();
+        let err = Pipelined::spawn(Box::new(Failing(300_000)))
+            .expect("spawn")
+            .read_to_end(&mut out)
+            .expect_err("the source's error reaches the reader");
+        assert_eq!(err.to_string(), "boom");
+        assert!(out.len() <= 300_000);
+    }
+
+    #[test]
+    fn estimates() {
+        let dir = std::env::temp_dir().join(format!("kiln-rootfs-estimate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let tar = vec![b'a'; 300_000];
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        io::Write::write_all(&mut gz, &tar).expect("gzip");
+        let gz = gz.finish().expect("gzip");
+        std::fs::write(dir.join("gz"), &gz).expect("write");
+        std::fs::write(dir.join("tar"), &tar).expect("write");
+        let zst = zstd::encode_all(tar.as_slice(), 3).expect("zstd");
+        std::fs::write(dir.join("zst"), &zst).expect("write");
+        let est = |name: &str| unpacked_estimate(&LayerSource::new(dir.join(name), ""));
+        assert_eq!(est("gz"), 300_000, "gzip's trailer");
+        assert_eq!(est("tar"), 300_000);
+        assert_eq!(est("zst"), zst.len() as u64 * 4);
+        assert_eq!(est("missing"), u64::MAX);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -22,6 +22,7 @@ mod error;
 mod ext4;
 mod fsops;
 mod layer;
+mod scratch;
 mod unpack;
 
 pub use cache::{copy_disk, kiln_root, CopyMethod, DiskCache, DEFAULT_KILN_ROOT};

@@ -74,6 +74,17 @@ impl Rootfs {
     ///
     /// [`DiskCache`]: crate::DiskCache
     pub fn unpack(layers: &[LayerSource], dest: &Path) -> Result<Rootfs> {
+        Self::unpack_limited(layers, dest, None)
+    }
+
+    /// [`Rootfs::unpack`] that gives up with a "storage full" error once the tree would take
+    /// more than `limit` bytes (file data in whole pages, plus a little per entry): scratch
+    /// space on tmpfs is memory, and a layer can expand far beyond any estimate.
+    pub(crate) fn unpack_limited(
+        layers: &[LayerSource],
+        dest: &Path,
+        limit: Option<u64>,
+    ) -> Result<Rootfs> {
         let (parent, name) = split_dest(dest)?;
         let parent_fd = rustix::fs::open(&parent, fsops::DIR_FLAGS, Mode::empty())
             .map_err(|e| Error::io("open directory", &parent, e))?;
@@ -85,7 +96,7 @@ impl Rootfs {
         let tmp_name = temp_name(&name, "unpack");
         rustix::fs::mkdirat(&parent_fd, tmp_name.as_bytes(), Mode::from_raw_mode(0o700))
             .map_err(|e| Error::io("create directory", parent.join(&tmp_name), e))?;
-        let result = Self::unpack_into(layers, parent_fd.as_fd(), &tmp_name, &parent);
+        let result = Self::unpack_into(layers, parent_fd.as_fd(), &tmp_name, &parent, limit);
         let result = result.and_then(|stats| {
             match rustix::fs::renameat_with(
                 &parent_fd,
@@ -124,10 +135,12 @@ impl Rootfs {
         parent: BorrowedFd<'_>,
         tmp_name: &str,
         parent_path: &Path,
+        limit: Option<u64>,
     ) -> Result<UnpackStats> {
         let root = fsops::open_dir(parent, tmp_name.as_bytes())
             .map_err(|e| Error::io("open directory", parent_path.join(tmp_name), e))?;
         let mut applier = Applier::new(root);
+        applier.limit = limit;
         for (index, layer) in layers.iter().enumerate() {
             let reader = open_layer(index, layer)?;
             applier.apply_layer(index, layer, reader)?;
@@ -225,6 +238,11 @@ struct Applier {
     stats: UnpackStats,
     /// Mode for the root directory, applied after the last layer.
     root_mode: u32,
+    /// Space the tree may take, if bounded (see [`Rootfs::unpack_limited`]).
+    limit: Option<u64>,
+    /// Space charged against `limit` so far; never decreases (whiteouts free space, but an
+    /// overestimate is harmless).
+    charged: u64,
 }
 
 impl Applier {
@@ -236,6 +254,27 @@ impl Applier {
             dir_times: Vec::new(),
             parent_cache: None,
             stats: UnpackStats::default(),
+            limit: None,
+            charged: 0,
+        }
+    }
+
+    /// Charges an entry with `data` bytes of file content against the limit.
+    fn charge(&mut self, data: u64) -> Result<(), EntryError> {
+        // Kernel memory for the inode and dentry, and the data in whole pages.
+        self.charged = self
+            .charged
+            .saturating_add(1024)
+            .saturating_add(data.next_multiple_of(4096));
+        match self.limit {
+            Some(limit) if self.charged > limit => Err(EntryError::io(
+                "write file data",
+                io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    format!("the tree needs more than the {limit} bytes of scratch space allowed"),
+                ),
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -331,6 +370,12 @@ impl Applier {
             other => return Err(EntryError::UnsupportedType(other.as_byte() as char)),
         };
         let meta = read_meta(entry)?;
+        let data = if matches!(kind, Kind::File) {
+            entry.size()
+        } else {
+            0
+        };
+        self.charge(data)?;
 
         let Some((name, parents)) = comps.split_last() else {
             // The entry describes the root directory itself (`./`).
