@@ -7,7 +7,7 @@
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::PathBuf;
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 use crate::error::{Error, Result};
 
@@ -139,6 +139,9 @@ const CHUNKS_AHEAD: usize = 8;
 /// unpack) runs on another core while this thread creates files.
 struct Pipelined {
     rx: Receiver<io::Result<Vec<u8>>>,
+    /// Read chunks go back to the thread for reuse (fresh 256 KiB buffers would each be
+    /// mapped, faulted in and unmapped).
+    recycle: SyncSender<Vec<u8>>,
     chunk: Vec<u8>,
     pos: usize,
     done: bool,
@@ -147,10 +150,12 @@ struct Pipelined {
 impl Pipelined {
     fn spawn(mut source: Box<dyn Read + Send>) -> io::Result<Pipelined> {
         let (tx, rx) = sync_channel::<io::Result<Vec<u8>>>(CHUNKS_AHEAD);
+        let (recycle, recycled) = sync_channel::<Vec<u8>>(CHUNKS_AHEAD + 2);
         std::thread::Builder::new()
             .name("kiln-decompress".into())
             .spawn(move || loop {
-                let mut chunk = vec![0u8; CHUNK];
+                let mut chunk = recycled.try_recv().unwrap_or_default();
+                chunk.resize(CHUNK, 0);
                 let mut filled = 0;
                 while filled < CHUNK {
                     match source.read(&mut chunk[filled..]) {
@@ -173,6 +178,7 @@ impl Pipelined {
             })?;
         Ok(Pipelined {
             rx,
+            recycle,
             chunk: Vec::new(),
             pos: 0,
             done: false,
@@ -192,7 +198,11 @@ impl Read for Pipelined {
             match self.rx.recv() {
                 Ok(Ok(chunk)) => {
                     self.done = chunk.is_empty();
-                    self.chunk = chunk;
+                    let used = std::mem::replace(&mut self.chunk, chunk);
+                    if used.capacity() > 0 {
+                        // Full (the thread has enough spare ones) or gone: just drop it.
+                        let _ = self.recycle.try_send(used);
+                    }
                     self.pos = 0;
                 }
                 Ok(Err(e)) => {

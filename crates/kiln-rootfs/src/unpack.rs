@@ -19,7 +19,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{self, BufWriter, Read};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,6 +40,8 @@ const PATH_MAX: usize = 4095;
 const WHITEOUT: &[u8] = b".wh.";
 /// Opaque-directory marker from the OCI image spec.
 const OPAQUE: &[u8] = b".wh..wh..opq";
+/// Size of the buffer file data is copied through: few, large writes.
+const COPY_BUF: usize = 256 * 1024;
 
 /// A root filesystem tree unpacked from an image's layers.
 #[derive(Debug)]
@@ -243,6 +245,8 @@ struct Applier {
     /// Space charged against `limit` so far; never decreases (whiteouts free space, but an
     /// overestimate is harmless).
     charged: u64,
+    /// File data passes through here: one buffer for the whole unpack, zeroed once.
+    buf: Vec<u8>,
 }
 
 impl Applier {
@@ -256,6 +260,7 @@ impl Applier {
             stats: UnpackStats::default(),
             limit: None,
             charged: 0,
+            buf: vec![0; COPY_BUF],
         }
     }
 
@@ -443,13 +448,9 @@ impl Applier {
                     Mode::from_raw_mode(0o600),
                 )
                 .map_err(|e| EntryError::io("create file", e))?;
-                // io::copy fills a BufWriter's buffer directly: few, large writes.
-                let mut file = BufWriter::with_capacity(256 * 1024, File::from(fd));
-                let written =
-                    io::copy(entry, &mut file).map_err(|e| EntryError::io("write file data", e))?;
-                let file = file
-                    .into_inner()
-                    .map_err(|e| EntryError::io("write file data", e.into_error()))?;
+                let mut file = File::from(fd);
+                let written = copy_data(entry, &mut file, &mut self.buf)
+                    .map_err(|e| EntryError::io("write file data", e))?;
                 self.stats.bytes += written;
                 apply_fd_meta(file.as_fd(), &meta)?;
             }
@@ -646,6 +647,24 @@ fn classify_walk_error(
         }
     }
     EntryError::io("open parent directory", e)
+}
+
+/// Copies a tar entry's data into a file through `buf`; returns the bytes copied.
+///
+/// Not `io::copy` into a `BufWriter`: that zeroes a fresh buffer for every file, since the
+/// tar reader cannot fill uninitialised memory.
+fn copy_data(from: &mut impl Read, to: &mut File, buf: &mut [u8]) -> io::Result<u64> {
+    let mut total = 0;
+    loop {
+        let n = match from.read(buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        total += n as u64;
+    }
 }
 
 /// Splits a tar path into checked components: `.` and empty components vanish, `..`, absolute
