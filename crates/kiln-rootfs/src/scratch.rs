@@ -175,6 +175,9 @@ fn budget(base: &Path, tmpfs_only: bool) -> Result<u64, &'static str> {
     #[allow(clippy::unnecessary_cast)] // f_type's width differs between architectures
     if fs.f_type as i64 == TMPFS_MAGIC {
         free = free.min(mem_available().ok_or("no MemAvailable in /proc/meminfo")?);
+        if let Some(headroom) = cgroup_headroom() {
+            free = free.min(headroom);
+        }
     } else if tmpfs_only {
         return Err("not tmpfs");
     }
@@ -187,6 +190,60 @@ fn mem_available() -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib.saturating_mul(1024))
+}
+
+/// What this process's memory cgroup (and, on cgroup v2, each ancestor) still lets it use,
+/// when limited. tmpfs pages are charged to the writer's cgroup and cannot be reclaimed
+/// without swap, so overrunning the limit would get kiln killed by the OOM killer; a host's
+/// `MemAvailable` knows nothing of it (kiln in a container, or a systemd unit with
+/// `MemoryMax=`).
+fn cgroup_headroom() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    cgroup_headroom_in(&text, Path::new("/sys/fs/cgroup"))
+}
+
+/// [`cgroup_headroom`] for a `/proc/self/cgroup` text and a cgroup filesystem root.
+fn cgroup_headroom_in(text: &str, sys: &Path) -> Option<u64> {
+    let read =
+        |path: &Path| -> Option<u64> { std::fs::read_to_string(path).ok()?.trim().parse().ok() };
+    let mut headroom: Option<u64> = None;
+    let mut limit = |max: Option<u64>, current: Option<u64>| {
+        if let (Some(max), Some(current)) = (max, current) {
+            let left = max.saturating_sub(current);
+            headroom = Some(headroom.map_or(left, |h| h.min(left)));
+        }
+    };
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let path = path.trim_start_matches('/');
+        if id == "0" && controllers.is_empty() {
+            // v2 ("max" when unlimited does not parse, and is skipped).
+            for base in [sys.to_path_buf(), sys.join("unified")] {
+                let base = base.as_path();
+                let mut dir = base.join(path);
+                loop {
+                    limit(
+                        read(&dir.join("memory.max")),
+                        read(&dir.join("memory.current")),
+                    );
+                    if dir.as_path() == base || !dir.pop() || !dir.starts_with(base) {
+                        break;
+                    }
+                }
+            }
+        } else if controllers.split(',').any(|c| c == "memory") {
+            let dir = sys.join("memory").join(path);
+            limit(
+                read(&dir.join("memory.limit_in_bytes")),
+                read(&dir.join("memory.usage_in_bytes")),
+            );
+        }
+    }
+    headroom
 }
 
 fn lock_file(dir: &Path, create: bool) -> io::Result<File> {
@@ -250,5 +307,38 @@ fn sweep(base: &Path) {
             }
         }
         drop(held);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup_limits_bound_the_headroom() {
+        let sys = std::env::temp_dir().join(format!("kiln-cgroup-test-{}", std::process::id()));
+        let write = |rel: &str, value: &str| {
+            let path = sys.join(rel);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            std::fs::write(path, value).expect("write");
+        };
+        // v2: the unit itself is unlimited, its parent slice is not.
+        write("system.slice/memory.max", "1000000\n");
+        write("system.slice/memory.current", "400000\n");
+        write("system.slice/kiln.service/memory.max", "max\n");
+        write("system.slice/kiln.service/memory.current", "100000\n");
+        assert_eq!(
+            cgroup_headroom_in("0::/system.slice/kiln.service\n", &sys),
+            Some(600_000)
+        );
+        // v1 memory controller, next to other controllers.
+        write("memory/box/memory.limit_in_bytes", "500000");
+        write("memory/box/memory.usage_in_bytes", "450000");
+        assert_eq!(
+            cgroup_headroom_in("5:cpu,cpuacct:/box\n4:memory:/box\n0::/\n", &sys),
+            Some(50_000)
+        );
+        assert_eq!(cgroup_headroom_in("0::/elsewhere\n", &sys), None);
+        let _ = std::fs::remove_dir_all(&sys);
     }
 }
