@@ -32,7 +32,7 @@ enum Command {
     Logs(cmd::vm::LogsArgs),
     /// Run a command in a running VM.
     Exec(cmd::vm::ExecArgs),
-    /// Attach to a running VM's serial console.
+    /// Attach to a running VM's serial console, or with --main to its main process.
     Attach(cmd::vm::AttachArgs),
     /// Copy files between a VM and the host (VM:PATH on one side).
     Cp(cmd::vm::CpArgs),

@@ -941,6 +941,45 @@ fn ctrl_p_ctrl_q_detaches_and_the_vm_runs_on() {
     assert_eq!(root.inspect(name)["status"], "running", "the VM runs on");
     let out = root.kiln(&["exec", name, "echo", "still-here"]);
     assert_eq!(text(&out.stdout), "still-here\n", "{}", describe(&out));
+    // `attach --main` returns to the same shell, on a terminal of a new size.
+    let mut pty = PtyKiln::spawn(root, &["attach", "--main", name], 30, 90);
+    std::thread::sleep(Duration::from_secs(1));
+    pty.type_in(b"stty size; echo back-$((20+3))\r");
+    pty.wait_for("back-23");
+    assert!(
+        pty.seen().contains("30 90"),
+        "the new window size reached the shell: {}",
+        pty.seen()
+    );
+    // The shell's exit status is attach's, and the VM ends with its main process.
+    pty.type_in(b"exit 5\r");
+    let status = pty.wait_exit("after the shell exited");
+    assert_eq!(status.code(), Some(5), "{}", pty.seen());
+    root.wait_status(name, "exited", Duration::from_secs(60));
+    let out = root.kiln(&["rm", name]);
+    assert!(out.status.success(), "{}", describe(&out));
+}
+
+#[test]
+fn attach_main_needs_a_terminal_for_a_terminal_process() {
+    require_prerequisites!();
+    let root = shared();
+    let name = "e2e-attach-notty";
+    let out = root.kiln(&["run", "-dit", "--name", name, "kiln/default", "sh"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    root.wait_status(name, "running", Duration::from_secs(120));
+    let out = root.kiln(&["attach", "--main", name]);
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("attach from a terminal"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(
+        root.inspect(name)["status"],
+        "running",
+        "the VM is untouched"
+    );
     let out = root.kiln(&["rm", "-f", name]);
     assert!(out.status.success(), "{}", describe(&out));
 }

@@ -219,6 +219,11 @@ pub struct ExecArgs {
 /// `kiln attach`.
 #[derive(Args, Debug)]
 pub struct AttachArgs {
+    /// Attach to the main process (its output, and its stdin and terminal when it was started
+    /// with -i/-t) instead of the serial console: the way back into a `run -it` session left
+    /// with Ctrl-P Ctrl-Q, as `docker attach` does.
+    #[arg(long)]
+    main: bool,
     /// VM.
     vm: String,
 }
@@ -545,7 +550,9 @@ fn follow(mut session: Session, stdin: bool, tty: bool) -> anyhow::Result<Sessio
     let end = session.wait(&mut stdout.lock(), &mut stderr.lock());
     drop(raw);
     if DETACHED.load(std::sync::atomic::Ordering::SeqCst) {
-        eprintln!("kiln: detached; the VM runs on (kiln logs -f, kiln exec, kiln stop)");
+        eprintln!(
+            "kiln: detached; the VM runs on (kiln attach --main, kiln logs -f, kiln exec, kiln stop)"
+        );
         return Ok(SessionEnd::Exited(0));
     }
     end.map_err(Into::into)
@@ -920,7 +927,7 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<u8> {
     report_end(&end)
 }
 
-/// `kiln attach`: the serial console; Ctrl-] detaches.
+/// `kiln attach`: the serial console (Ctrl-] detaches), or with `--main` the main process.
 pub fn attach(args: AttachArgs) -> anyhow::Result<u8> {
     let engine = engine()?;
     let record = engine.get(&args.vm)?;
@@ -928,15 +935,21 @@ pub fn attach(args: AttachArgs) -> anyhow::Result<u8> {
         bail!("VM {} is not running ({})", record.name, record.status);
     }
     let paths = VmPaths::new(&record.dir);
+    if args.main {
+        return attach_main(&record, &paths);
+    }
     let mut session = Session::console(&paths)?;
     let mut input = session.input()?;
-    let raw = term::RawMode::enable(0);
-    if raw.is_some() {
+    // Shared with the input thread, which ends the process on Ctrl-]: whoever finishes first
+    // restores the terminal.
+    let raw = std::sync::Arc::new(std::sync::Mutex::new(term::RawMode::enable(0)));
+    if lock_ignoring_poison(&raw).is_some() {
         eprint!(
             "kiln: attached to the console of {}; Ctrl-] detaches\r\n",
             record.name
         );
     }
+    let raw_for_input = raw.clone();
     std::thread::spawn(move || {
         let mut buf = [0u8; 1024];
         let stdin = std::io::stdin();
@@ -955,16 +968,48 @@ pub fn attach(args: AttachArgs) -> anyhow::Result<u8> {
                 }
             }
         }
-        // Detach: end the process (restoring the terminal happens in Drop on the main thread,
-        // so signal it by closing our side).
+        // Detach: the console session has no end of its own, so end the process here, with
+        // the terminal restored first.
         let _ = input.close_stdin();
+        lock_ignoring_poison(&raw_for_input).take();
         std::process::exit(0);
     });
     let stdout = std::io::stdout();
     let stderr = std::io::stderr();
     let _ = session.wait(&mut stdout.lock(), &mut stderr.lock());
-    drop(raw);
+    lock_ignoring_poison(&raw).take();
     Ok(0)
+}
+
+/// `kiln attach --main`: follows the main process as `kiln run` does, with stdin and the
+/// terminal as the VM was created with; the exit code is the process's when it ends.
+fn attach_main(record: &VmRecord, paths: &VmPaths) -> anyhow::Result<u8> {
+    let spec: kiln_engine::vm::VmSpec =
+        serde_json::from_value(record.spec.clone()).context("reading the VM's stored spec")?;
+    let (stdin, tty) = (spec.process.stdin, spec.process.tty);
+    if tty && stdin && !term::is_tty(0) {
+        bail!(
+            "VM {} runs its process on a terminal: attach from a terminal, or use kiln logs -f",
+            record.name
+        );
+    }
+    let session = Session::attach(paths, stdin)?;
+    if tty {
+        // The size may have changed since the process last saw a terminal.
+        if let (Some((rows, cols)), Ok(mut input)) = (term::window_size(0), session.input()) {
+            let _ = input.resize(rows, cols);
+        }
+    }
+    let end = follow(session, stdin, tty)?;
+    if DETACHED.load(std::sync::atomic::Ordering::SeqCst) {
+        return Ok(0);
+    }
+    report_end(&end)
+}
+
+/// Locks a mutex whose data stays usable even if a thread panicked holding it.
+fn lock_ignoring_poison<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// `kiln inspect`.
