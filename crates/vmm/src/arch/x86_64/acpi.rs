@@ -1,6 +1,6 @@
 //! ACPI tables (RSDP, XSDT, hardware-reduced FADT, MADT, DSDT) so that stock distribution
 //! kernels, whose virtio-mmio driver cannot take devices from the command line, find every
-//! virtio-mmio device (as LNRO0005), the serial port and the i8042.
+//! virtio-mmio device (as LNRO0005), the serial port, the i8042 and the CMOS clock.
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -14,6 +14,7 @@ use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{APIC_START, HIMEM_START, I8042_IRQ, IOAPIC_START, RSDP_START, SERIAL_IRQ};
+use crate::devices::legacy::cmos::{CMOS_PORT, CMOS_PORT_COUNT};
 
 const OEM_ID: [u8; 6] = *b"KILNVM";
 const OEM_REVISION: u32 = 1;
@@ -80,6 +81,18 @@ fn dsdt(devices: &[MmioDeviceInfo]) -> Vec<u8> {
         &aml::EISAName::new("PNP0303"),
         None,
         &[&ps2_data, &ps2_cmd, &ps2_irq],
+    );
+    // The CMOS clock (always present). Described so that Linux binds rtc_cmos through PNP
+    // instead of registering a platform device at the legacy address on its own. No
+    // interrupt: the device raises none, and without one in `_CRS` the driver runs without
+    // alarms instead of waiting for interrupts that never come.
+    let rtc_io = aml::IO::new(CMOS_PORT as u16, CMOS_PORT as u16, 1, CMOS_PORT_COUNT as u8);
+    dsdt_device(
+        &mut body,
+        "_SB_.RTC_",
+        &aml::EISAName::new("PNP0B00"),
+        None,
+        &[&rtc_io],
     );
     for (slot, device) in devices.iter().enumerate() {
         let window = aml::Memory32Fixed::new(true, device.address as u32, device.size as u32);
@@ -183,6 +196,41 @@ mod tests {
         // Header (44 bytes) + 4 local APICs (8 bytes) + 1 IOAPIC (12 bytes).
         assert_eq!(madt.len(), 44 + 4 * 8 + 12);
         assert!(checksum_ok(&fadt(0x1234)));
+    }
+
+    /// The AML of a `_HID` holding an EISA id: NameOp, "_HID", DWordPrefix, the compressed id.
+    fn hid_eisa(id: [u8; 4]) -> Vec<u8> {
+        let mut bytes = vec![0x08];
+        bytes.extend_from_slice(b"_HID");
+        bytes.push(0x0c);
+        bytes.extend_from_slice(&id);
+        bytes
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn dsdt_describes_the_cmos_clock_at_its_ports_without_an_interrupt() {
+        let dsdt = dsdt(&[]);
+        assert!(checksum_ok(&dsdt));
+        // PNP0B00 compressed: "PNP" = 0x41d0, product 0x0b00.
+        assert!(contains(&dsdt, &hid_eisa([0x41, 0xd0, 0x0b, 0x00])));
+        assert!(contains(&dsdt, b"RTC_"));
+        // Its _CRS: a 10-byte buffer holding exactly one I/O port descriptor (decodes 16-bit,
+        // 0x70..=0x70, alignment 1, length 2) and the end tag, so no interrupt.
+        let crs = [
+            0x11, 0x0d, 0x0a, 0x0a, 0x47, 0x01, 0x70, 0x00, 0x70, 0x00, 0x01, 0x02, 0x79, 0x00,
+        ];
+        let rtc = dsdt
+            .windows(4)
+            .position(|w| w == b"RTC_")
+            .expect("RTC_ device");
+        assert!(contains(&dsdt[rtc..], &crs));
+        // The other legacy devices keep their ids: PNP0501 (COM1) and PNP0303 (i8042).
+        assert!(contains(&dsdt, &hid_eisa([0x41, 0xd0, 0x05, 0x01])));
+        assert!(contains(&dsdt, &hid_eisa([0x41, 0xd0, 0x03, 0x03])));
     }
 
     #[test]
