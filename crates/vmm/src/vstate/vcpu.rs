@@ -9,7 +9,7 @@ use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::CpuId;
+use kvm_bindings::{kvm_xcrs, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
 
@@ -85,8 +85,21 @@ pub fn create(
     let vcpu = vm
         .create_vcpu(index as u64)
         .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-    vcpu.set_cpuid2(&cpuid::for_vcpu(base_cpuid, index, topology))
-        .map_err(kvm_err("KVM_SET_CPUID2"))?;
+    let table = cpuid::for_vcpu(base_cpuid, index, topology);
+    vcpu.set_cpuid2(&table).map_err(kvm_err("KVM_SET_CPUID2"))?;
+    if let Some(xcr0) = cpuid::boot_xcr0(&table) {
+        let mut xcrs = kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        xcrs.xcrs[0].xcr = 0;
+        xcrs.xcrs[0].value = xcr0;
+        // Not fatal: without it the guest boots as on hardware, only nested setups that miss
+        // XSETBV exits see inconsistent XSAVE sizes (see `boot_xcr0`).
+        if let Err(e) = vcpu.set_xcrs(&xcrs) {
+            tracing::debug!("vCPU {index}: KVM_SET_XCRS (XCR0 {xcr0:#x}) failed: {e}");
+        }
+    }
     Ok(vcpu)
 }
 

@@ -22,12 +22,16 @@ const LEAF_FEATURES: u32 = 0x1;
 const LEAF_CACHE_PARAMS: u32 = 0x4;
 const LEAF_PERFMON: u32 = 0xa;
 const LEAF_TOPOLOGY: u32 = 0xb;
+const LEAF_XSAVE: u32 = 0xd;
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
 const LEAF_HYPERVISOR: u32 = 0x4000_0000;
 const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
 const LEAF_AMD_SIZES: u32 = 0x8000_0008;
 
+const ECX_XSAVE: u32 = 1 << 26;
 const ECX_HYPERVISOR: u32 = 1 << 31;
+/// XCR0 bit 0: x87 state, which XCR0 must always include.
+const XCR0_X87: u64 = 1;
 const EDX_HTT: u32 = 1 << 28;
 
 /// KVM paravirtual features advertised when the host did not list leaf 0x40000001 itself:
@@ -101,6 +105,29 @@ fn ensure_hypervisor_leaves(cpuid: &mut CpuId) -> Result<(), CpuidError> {
             .map_err(|_| CpuidError::Full(LEAF_KVM_FEATURES))?;
     }
     Ok(())
+}
+
+/// The XCR0 a vCPU starts with: every user state component its CPUID table advertises
+/// (leaf 0xD subleaf 0, EDX:EAX), or `None` when the table has no XSAVE.
+///
+/// Why not the architectural reset value (x87 only): KVM reports the XSAVE area size in leaf
+/// 0xD (EBX of subleaves 0 and 1) for the XCR0 it believes the guest has, and learns of a new
+/// XCR0 by intercepting XSETBV. Where that intercept is missing — nested under QEMU's software
+/// SVM, which does not implement it — KVM keeps the reset value, Linux's own XSETBV goes
+/// unseen, and its boot-time check finds CPUID's size (576 bytes: x87/SSE only) smaller than
+/// the sum of the components it enabled ("XSAVE consistency problem", a WARN). Starting with
+/// the value Linux is about to set makes both agree; Linux (and any guest using XSAVE) sets
+/// XCR0 itself before relying on it, and without CR4.OSXSAVE the value has no effect.
+pub fn boot_xcr0(cpuid: &CpuId) -> Option<u64> {
+    let entries = cpuid.as_slice();
+    let has_xsave = entries
+        .iter()
+        .any(|e| e.function == LEAF_FEATURES && e.ecx & ECX_XSAVE != 0);
+    let leaf = entries
+        .iter()
+        .find(|e| e.function == LEAF_XSAVE && e.index == 0)?;
+    let xcr0 = (u64::from(leaf.edx) << 32) | u64::from(leaf.eax);
+    (has_xsave && xcr0 & XCR0_X87 != 0).then_some(xcr0)
 }
 
 /// Returns the CPUID table for vCPU `index` of a VM with `topology`.
@@ -185,6 +212,42 @@ mod tests {
             },
         ])
         .expect("table")
+    }
+
+    #[test]
+    fn boot_xcr0_is_every_component_of_leaf_0xd_when_xsave_is_there() {
+        let leaf_0xd = |eax, edx| kvm_cpuid_entry2 {
+            function: LEAF_XSAVE,
+            index: 0,
+            eax,
+            edx,
+            ..Default::default()
+        };
+        let features = |ecx| kvm_cpuid_entry2 {
+            function: LEAF_FEATURES,
+            ecx,
+            ..Default::default()
+        };
+        let table = |entries: &[kvm_cpuid_entry2]| CpuId::from_entries(entries).expect("table");
+        // x87, SSE, AVX, and a component above bit 31 (in EDX).
+        let full = table(&[features(ECX_XSAVE), leaf_0xd(0x7, 0x1)]);
+        assert_eq!(boot_xcr0(&full), Some(0x1_0000_0007));
+        // Subleaf 1 is not the component list.
+        let sub1 = kvm_cpuid_entry2 {
+            index: 1,
+            ..leaf_0xd(0xf, 0)
+        };
+        assert_eq!(
+            boot_xcr0(&table(&[features(ECX_XSAVE), sub1, leaf_0xd(0x3, 0)])),
+            Some(0x3)
+        );
+        // No XSAVE in leaf 1, no leaf 0xD, or no x87 bit: leave XCR0 alone.
+        assert_eq!(boot_xcr0(&table(&[features(0), leaf_0xd(0x7, 0)])), None);
+        assert_eq!(boot_xcr0(&table(&[features(ECX_XSAVE)])), None);
+        assert_eq!(
+            boot_xcr0(&table(&[features(ECX_XSAVE), leaf_0xd(0x6, 0)])),
+            None
+        );
     }
 
     #[test]
