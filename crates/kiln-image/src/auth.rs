@@ -1,12 +1,23 @@
 //! Registry credentials: `kiln login` stores them in `<kiln root>/auth.json` (mode 0600, the
 //! same `{"auths": {...}}` shape as Docker's), and pulls also read Docker's own
 //! `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`, so `docker login` works too.
+//!
+//! Docker's credential helpers are used as Docker uses them: `credHelpers[registry]`, else
+//! `credsStore`, names a helper; `docker-credential-<helper> get` is run with the registry
+//! (`https://index.docker.io/v1/` for Docker Hub, else `host[:port]`) on stdin and answers
+//! `{"ServerURL", "Username", "Secret"}`. A username of `<token>` makes the secret an identity
+//! token (an OAuth2 refresh token, exchanged at the registry's token service). A helper that
+//! does not know the registry falls back to the file's `auths` entry, as in Docker; a helper
+//! that is not installed is an error naming it (Docker fails too) rather than an anonymous
+//! pull that would end in a confusing "authentication required". kiln's own `auth.json` is
+//! consulted first and never names helpers.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -33,10 +44,43 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+/// What a registry is accessed with.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) enum Secret {
+    /// A username and password: HTTP Basic, or the login at the registry's token service.
+    Basic(Credentials),
+    /// An identity token from a credential helper (user `<token>`): an OAuth2 refresh token,
+    /// traded for an access token at the registry's token service.
+    IdentityToken(String),
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Secret::Basic(c) => f.debug_tuple("Basic").field(c).finish(),
+            Secret::IdentityToken(_) => f.write_str("IdentityToken(..)"),
+        }
+    }
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct AuthFile {
     #[serde(default)]
     auths: BTreeMap<String, AuthEntry>,
+    /// Docker's default credential helper.
+    #[serde(
+        rename = "credsStore",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    creds_store: Option<String>,
+    /// Docker's per-registry credential helpers.
+    #[serde(
+        rename = "credHelpers",
+        default,
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    cred_helpers: BTreeMap<String, String>,
     #[serde(flatten)]
     other: BTreeMap<String, serde_json::Value>,
 }
@@ -119,24 +163,214 @@ fn find_in(file: &AuthFile, registry: &str) -> Option<Credentials> {
         .and_then(|(_, entry)| entry.credentials())
 }
 
-/// Credentials for `registry` from `kiln login`, else from Docker's config file.
+/// Credentials for `registry` from `kiln login`, else from Docker's config file (its
+/// credential helpers first, then its `auths`).
 ///
 /// Unreadable Docker config files are ignored with a warning (they belong to another tool);
-/// a damaged kiln auth file is an error.
-pub(crate) fn lookup(kiln_root: &Path, registry: &str) -> Result<Option<Credentials>> {
+/// a damaged kiln auth file, and a credential helper that is missing or fails, are errors.
+pub(crate) fn lookup(kiln_root: &Path, registry: &str) -> Result<Option<Secret>> {
     if let Some(file) = read_auth_file(&kiln_auth_path(kiln_root))? {
         if let Some(creds) = find_in(&file, registry) {
-            return Ok(Some(creds));
+            return Ok(Some(Secret::Basic(creds)));
         }
     }
-    if let Some(path) = docker_config_path() {
-        match read_auth_file(&path) {
-            Ok(Some(file)) => return Ok(find_in(&file, registry)),
-            Ok(None) => {}
-            Err(e) => tracing::warn!("ignoring Docker credentials: {e}"),
+    let Some(path) = docker_config_path() else {
+        return Ok(None);
+    };
+    let file = match read_auth_file(&path) {
+        Ok(Some(file)) => file,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            tracing::warn!("ignoring Docker credentials: {e}");
+            return Ok(None);
+        }
+    };
+    if let Some(helper) = helper_for(&file, registry) {
+        if let Some(secret) = helper_get(helper, &helper_server(registry), &path)? {
+            return Ok(Some(secret));
         }
     }
-    Ok(None)
+    Ok(find_in(&file, registry).map(Secret::Basic))
+}
+
+/// The credential helper Docker would ask for `registry`: its `credHelpers` entry, else
+/// `credsStore`.
+fn helper_for<'a>(file: &'a AuthFile, registry: &str) -> Option<&'a str> {
+    let key = registry_key(registry);
+    file.cred_helpers
+        .iter()
+        .find(|(k, _)| registry_key(k) == key)
+        .map(|(_, helper)| helper.as_str())
+        .or(file.creds_store.as_deref())
+        .map(str::trim)
+        .filter(|helper| !helper.is_empty())
+}
+
+/// What Docker hands a helper as the server: Docker Hub's legacy index URL, else the host.
+fn helper_server(registry: &str) -> String {
+    match registry_key(registry).as_str() {
+        "docker.io" => "https://index.docker.io/v1/".to_string(),
+        key => key.to_string(),
+    }
+}
+
+/// The message helpers print (with a failure status) for a server they hold nothing for.
+const HELPER_NOT_FOUND: &str = "credentials not found in native keychain";
+/// The username a helper answers with when the secret is an identity token.
+const TOKEN_USERNAME: &str = "<token>";
+
+/// Runs `docker-credential-<helper> get` for `server`; `None` when the helper holds nothing
+/// for it.
+fn helper_get(helper: &str, server: &str, config: &Path) -> Result<Option<Secret>> {
+    let program = format!("docker-credential-{helper}");
+    let failed = |reason: String| Error::CredentialHelper {
+        program: program.clone(),
+        reason,
+    };
+    // A name with a slash would run a file by path instead of a program from PATH.
+    if helper.contains(['/', '\0']) || helper.chars().any(char::is_whitespace) {
+        return Err(failed(format!(
+            "{helper:?} (in {}) is not a helper name",
+            config.display()
+        )));
+    }
+    let mut child = match Command::new(&program)
+        .arg("get")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::CredentialHelperMissing {
+                program,
+                config: config.to_path_buf(),
+            })
+        }
+        Err(e) => return Err(failed(format!("cannot run it: {e}"))),
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        // A helper that exits without reading is judged by its answer, not by the broken pipe.
+        let _ = stdin.write_all(server.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| failed(format!("waiting for it: {e}")))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        if stdout.trim() == HELPER_NOT_FOUND {
+            return Ok(None);
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let said = format!("{} {}", stdout.trim(), stderr.trim());
+        return Err(failed(format!(
+            "`{program} get` for {server} exited with {}: {}",
+            out.status,
+            said.trim()
+        )));
+    }
+    #[derive(Deserialize)]
+    struct Answer {
+        #[serde(rename = "Username", default)]
+        username: String,
+        #[serde(rename = "Secret", default)]
+        secret: String,
+    }
+    let answer: Answer = serde_json::from_slice(&out.stdout).map_err(|e| {
+        failed(format!(
+            "`{program} get` for {server} did not answer {{\"Username\", \"Secret\"}} JSON: {e}"
+        ))
+    })?;
+    Ok(match (answer.username.as_str(), answer.secret) {
+        (_, secret) if secret.is_empty() => None,
+        (TOKEN_USERNAME, secret) => Some(Secret::IdentityToken(secret)),
+        (username, secret) => Some(Secret::Basic(Credentials {
+            username: username.to_string(),
+            password: secret,
+        })),
+    })
+}
+
+/// Trades an identity token for an access token to pull `repository` from `registry`: the
+/// OAuth2 refresh-token grant at the token service the registry's Bearer challenge names,
+/// as Docker does.
+pub(crate) async fn access_token(
+    registry: &str,
+    http: bool,
+    repository: &str,
+    identity_token: &str,
+) -> Result<String> {
+    let scheme = if http { "http" } else { "https" };
+    let unreachable = |e: reqwest::Error| Error::Unreachable {
+        registry: registry.to_string(),
+        reason: crate::pull::root_cause(&e),
+    };
+    let failed = |reason: String| Error::AuthFailed {
+        registry: registry.to_string(),
+        reason,
+    };
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(15))
+        .timeout(Duration::from_secs(60))
+        .build()
+        .map_err(unreachable)?;
+    let url = format!("{scheme}://{registry}/v2/");
+    let res = client.get(&url).send().await.map_err(unreachable)?;
+    let challenge = res
+        .headers()
+        .get(reqwest::header::WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let params = challenge
+        .strip_prefix("Bearer ")
+        .or_else(|| challenge.strip_prefix("bearer "));
+    let (Some(realm), service) = params.map(parse_bearer).unwrap_or_default() else {
+        return Err(failed(
+            "the credential helper gave an identity token, but the registry has no token \
+             service to exchange it at"
+                .to_string(),
+        ));
+    };
+    let scope = format!("repository:{repository}:pull");
+    let mut form = vec![
+        ("grant_type", "refresh_token"),
+        ("refresh_token", identity_token),
+        ("client_id", "kiln"),
+        ("scope", scope.as_str()),
+    ];
+    if let Some(service) = &service {
+        form.push(("service", service.as_str()));
+    }
+    let res = client
+        .post(&realm)
+        .form(&form)
+        .send()
+        .await
+        .map_err(unreachable)?;
+    if !res.status().is_success() {
+        return Err(failed(format!(
+            "token service {realm} refused the identity token (HTTP {})",
+            res.status()
+        )));
+    }
+    #[derive(Deserialize)]
+    struct Token {
+        #[serde(default)]
+        access_token: Option<String>,
+        #[serde(default)]
+        token: Option<String>,
+    }
+    let token: Token = res
+        .json()
+        .await
+        .map_err(|e| failed(format!("token service {realm} answered no token: {e}")))?;
+    token
+        .access_token
+        .or(token.token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| failed(format!("token service {realm} answered no token")))
 }
 
 fn write_auth_file(path: &Path, file: &AuthFile) -> Result<()> {
@@ -364,6 +598,34 @@ mod tests {
         assert_eq!(creds.username, "user");
         assert_eq!(creds.password, "pass:word");
         assert!(find_in(&file, "127.0.0.1:5000").is_none());
+    }
+
+    #[test]
+    fn helpers_are_chosen_as_docker_does() {
+        let file: AuthFile = serde_json::from_str(
+            r#"{"credsStore":"desktop","credHelpers":{"gcr.io":"gcloud","https://index.docker.io/v1/":"hub"}}"#,
+        )
+        .expect("parse");
+        assert_eq!(helper_for(&file, "gcr.io"), Some("gcloud"));
+        assert_eq!(helper_for(&file, "index.docker.io"), Some("hub"));
+        assert_eq!(helper_for(&file, "127.0.0.1:5000"), Some("desktop"));
+        let none: AuthFile = serde_json::from_str(r#"{"credsStore":" "}"#).expect("parse");
+        assert_eq!(helper_for(&none, "gcr.io"), None);
+        assert_eq!(
+            helper_server("index.docker.io"),
+            "https://index.docker.io/v1/"
+        );
+        assert_eq!(helper_server("Reg.example:5000"), "reg.example:5000");
+        // A config round-trips with its helpers.
+        let text = serde_json::to_string(&file).expect("serialize");
+        assert!(text.contains("\"credsStore\":\"desktop\""), "{text}");
+        assert!(text.contains("\"credHelpers\""), "{text}");
+    }
+
+    #[test]
+    fn helper_names_cannot_be_paths() {
+        let err = helper_get("../../tmp/x", "gcr.io", Path::new("/c.json")).expect_err("refused");
+        assert!(matches!(err, Error::CredentialHelper { .. }), "{err}");
     }
 
     #[test]

@@ -59,6 +59,27 @@ pub enum Error {
         /// What the registry said, or a summary.
         reason: String,
     },
+    /// Docker's config names a credential helper (`credsStore`, `credHelpers`) whose program
+    /// is not installed. Docker fails the same way rather than pulling anonymously, which
+    /// would only end in a confusing "authentication required" for private images.
+    #[error(
+        "credential helper {program} (named by {config}) is not in PATH: install it, or remove \
+         \"credsStore\"/\"credHelpers\" for this registry from that file (or use `kiln login`)"
+    )]
+    CredentialHelperMissing {
+        /// The program looked for, `docker-credential-<helper>`.
+        program: String,
+        /// The Docker config file that names it.
+        config: std::path::PathBuf,
+    },
+    /// A credential helper ran and failed, or answered something that is not credentials.
+    #[error("credential helper {program} failed: {reason}")]
+    CredentialHelper {
+        /// The program, `docker-credential-<helper>`.
+        program: String,
+        /// Its exit status and output, or what was wrong with its answer.
+        reason: String,
+    },
     /// Any other error answer from a registry.
     #[error("registry {registry}: {message}")]
     Registry {

@@ -9,6 +9,7 @@ use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
 
+use crate::auth::Secret;
 use crate::blob::{self, BlobWriter};
 use crate::error::{Error, Result};
 use crate::manifest::{self, Descriptor, Document};
@@ -251,17 +252,20 @@ impl Store {
     async fn pull_async(&self, parsed: Reference, options: &PullOptions) -> Result<ImageRecord> {
         let registry = registry_of(&parsed);
         let insecure = is_insecure(&registry, options);
-        let credentials = match &options.credentials {
-            Some(c) => Some(c.clone()),
+        let secret = match &options.credentials {
+            Some(c) => Some(Secret::Basic(c.clone())),
             None => crate::auth::lookup(self.kiln_root(), &registry)?,
         };
         let ctx = Ctx {
             registry: registry.clone(),
             reference: parsed.whole(),
-            has_credentials: credentials.is_some(),
+            has_credentials: secret.is_some(),
         };
-        let auth = match &credentials {
-            Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
+        let auth = match &secret {
+            Some(Secret::Basic(c)) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
+            Some(Secret::IdentityToken(token)) => RegistryAuth::Bearer(
+                crate::auth::access_token(&registry, insecure, parsed.repository(), token).await?,
+            ),
             None => RegistryAuth::Anonymous,
         };
         let client = Client::new(ClientConfig {

@@ -489,6 +489,117 @@ fn docker_config_child() {
         .expect("pull with Docker's credentials");
 }
 
+/// Docker's credential helpers (`credsStore`, `credHelpers`), as fake
+/// `docker-credential-*` scripts on `PATH`, against a registry with htpasswd auth. The
+/// scenarios run in a child process (they need their own `DOCKER_CONFIG` and `PATH`).
+#[test]
+fn docker_credential_helpers() {
+    let registry = Registry::start_with_auth("helperuser", "helperpass");
+    let image = two_layer_image("credhelper");
+    registry.push("viahelper", "latest", &image);
+    let config_dir = tempfile::tempdir().expect("tmp");
+    let bin = tempfile::tempdir().expect("tmp");
+    let addr = registry.addr.as_str();
+    common::fake_credential_helper(
+        bin.path(),
+        "kilntest",
+        &[(addr, "helperuser", "helperpass")],
+    );
+    common::fake_credential_helper(bin.path(), "kilnwrong", &[(addr, "helperuser", "nope")]);
+    common::fake_credential_helper(bin.path(), "kilnempty", &[]);
+    let broken = bin.path().join("docker-credential-kilnbroken");
+    std::fs::write(
+        &broken,
+        "#!/bin/sh\necho 'the keychain is locked' >&2\nexit 3\n",
+    )
+    .expect("helper");
+    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    common::run_child_test(
+        "docker_credential_helpers_child",
+        config_dir.path(),
+        bin.path(),
+        &[
+            ("KILN_TEST_PULL", &registry.reference("viahelper")),
+            ("KILN_TEST_REGISTRY", addr),
+        ],
+    );
+    // Asked with the registry's host:port, once per pull that named it.
+    assert_eq!(
+        common::helper_log(bin.path(), "kilntest"),
+        vec![addr.to_string(), addr.to_string()]
+    );
+    assert_eq!(
+        common::helper_log(bin.path(), "kilnempty"),
+        vec![addr.to_string()]
+    );
+    assert_eq!(
+        common::helper_log(bin.path(), "kilnwrong"),
+        vec![addr.to_string()]
+    );
+}
+
+#[test]
+#[ignore = "run by docker_credential_helpers in a child process"]
+fn docker_credential_helpers_child() {
+    let reference = std::env::var("KILN_TEST_PULL").expect("KILN_TEST_PULL");
+    let addr = std::env::var("KILN_TEST_REGISTRY").expect("KILN_TEST_REGISTRY");
+    let config =
+        std::path::PathBuf::from(std::env::var_os("DOCKER_CONFIG").expect("DOCKER_CONFIG"))
+            .join("config.json");
+    let pull = |cfg: serde_json::Value| {
+        std::fs::write(&config, cfg.to_string()).expect("config.json");
+        let (_dir, store) = store();
+        store.pull(&reference, &quiet())
+    };
+
+    // The default helper; Docker leaves an empty `auths` entry beside it.
+    pull(serde_json::json!({"credsStore": "kilntest", "auths": {&addr: {}}}))
+        .expect("pull with credsStore");
+    // A per-registry helper wins over the default one.
+    pull(serde_json::json!({"credsStore": "kilnnosuch", "credHelpers": {&addr: "kilntest"}}))
+        .expect("pull with credHelpers");
+
+    // A helper that is not installed: an error naming it, the file, and what to do.
+    let err = pull(serde_json::json!({"credsStore": "kilnnosuch"})).expect_err("missing helper");
+    eprintln!("expected error: {err}");
+    assert!(
+        matches!(err, Error::CredentialHelperMissing { .. }),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(text.contains("docker-credential-kilnnosuch"), "{text}");
+    assert!(text.contains(&config.display().to_string()), "{text}");
+    assert!(text.contains("install it"), "{text}");
+
+    // A helper that knows nothing of the registry: the file's own entry, as in Docker.
+    let auth = base64_encode(b"helperuser:helperpass");
+    pull(serde_json::json!({
+        "credHelpers": {&addr: "kilnempty"},
+        "auths": {&addr: {"auth": auth}},
+    }))
+    .expect("pull with the auths entry after the helper found nothing");
+
+    // A failing helper: its words reach the user.
+    let err = pull(serde_json::json!({"credsStore": "kilnbroken"})).expect_err("broken helper");
+    eprintln!("expected error: {err}");
+    assert!(matches!(err, Error::CredentialHelper { .. }), "{err}");
+    assert!(err.to_string().contains("the keychain is locked"), "{err}");
+    assert!(
+        err.to_string().contains("docker-credential-kilnbroken"),
+        "{err}"
+    );
+
+    // Wrong credentials from a helper are refused by the registry like any others.
+    let err = pull(serde_json::json!({"credsStore": "kilnwrong"})).expect_err("wrong secret");
+    assert!(matches!(err, Error::AuthFailed { .. }), "{err}");
+
+    // Helpers for other registries only: anonymous, and no helper runs.
+    let err = pull(serde_json::json!({"credHelpers": {"registry.example": "kilnbroken"}}))
+        .expect_err("anonymous");
+    assert!(matches!(err, Error::AuthRequired { .. }), "{err}");
+}
+
 fn base64_encode(data: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(data)

@@ -28,6 +28,8 @@ const SERVICE: &str = "kiln-test";
 const ISSUER: &str = "kiln-test-issuer";
 const USER: &str = "tokenuser";
 const PASSWORD: &str = "t0ken-pass";
+/// The identity token (OAuth2 refresh token) the token server accepts for [`USER`].
+const REFRESH_TOKEN: &str = "kiln-identity-token-1";
 
 fn b64url(data: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
@@ -195,6 +197,8 @@ struct TokenRequest {
     service: Option<String>,
     /// The HTTP status answered.
     status: u16,
+    /// `grant_type` of an OAuth2 POST.
+    grant: Option<String>,
 }
 
 /// A Docker token server on 127.0.0.1: one user, who gets every action a `repository` scope
@@ -275,18 +279,47 @@ fn serve_token(
             return;
         }
     }
-    let head = String::from_utf8_lossy(&buf).into_owned();
+    let head_len = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(buf.len(), |i| i + 4);
+    let head = String::from_utf8_lossy(&buf[..head_len]).into_owned();
+    // An OAuth2 POST carries its parameters as a form body.
+    let content_length = head
+        .split("\r\n")
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(64 * 1024);
+    let mut body = buf[head_len..].to_vec();
+    while body.len() < content_length {
+        match conn.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let body = String::from_utf8_lossy(&body).into_owned();
     let mut lines = head.split("\r\n");
     let request_line = lines.next().unwrap_or("");
     let target = request_line.split(' ').nth(1).unwrap_or("");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let mut scopes = Vec::new();
     let mut service = None;
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
+    let mut grant = None;
+    let mut refresh_token = None;
+    for pair in query
+        .split('&')
+        .chain(body.split('&'))
+        .filter(|p| !p.is_empty())
+    {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v);
         match percent_decode(k).as_str() {
-            "scope" => scopes.extend(percent_decode(v).split(' ').map(str::to_string)),
-            "service" => service = Some(percent_decode(v)),
+            "scope" => scopes.extend(v.split(' ').map(str::to_string)),
+            "service" => service = Some(v),
+            "grant_type" => grant = Some(v),
+            "refresh_token" => refresh_token = Some(v),
             _ => {}
         }
     }
@@ -306,6 +339,14 @@ fn serve_token(
             Some((u.to_string(), p.to_string()))
         });
 
+    let basic = match (grant.as_deref(), refresh_token.as_deref()) {
+        // The refresh-token grant: an identity token stands for the user.
+        (Some("refresh_token"), Some(REFRESH_TOKEN)) => {
+            Some((USER.to_string(), PASSWORD.to_string()))
+        }
+        (Some("refresh_token"), _) => Some((USER.to_string(), String::new())),
+        _ => basic,
+    };
     let granted = match (&basic, path) {
         (_, p) if p != "/token" => Err(404),
         (Some((u, p)), _) if u == USER && p == PASSWORD => Ok(true),
@@ -321,6 +362,7 @@ fn serve_token(
         scopes: scopes.clone(),
         service: service.clone(),
         status,
+        grant: grant.clone(),
     });
     let (status_line, extra, body) = match granted {
         Ok(authenticated) => {
@@ -717,4 +759,75 @@ fn bearer_token_auth() {
         "took {:?}",
         started.elapsed()
     );
+}
+
+/// An identity token from a Docker credential helper (user `<token>`) is traded for an access
+/// token at the registry's token service with the OAuth2 refresh-token grant, as Docker
+/// does. Runs the pulls in a child process (own `DOCKER_CONFIG` and `PATH`).
+#[test]
+fn identity_token_from_a_credential_helper() {
+    if let Some(reason) = openssl_missing() {
+        eprintln!("SKIPPED identity_token_from_a_credential_helper: {reason}");
+        return;
+    }
+    let registry = TokenRegistry::start();
+    let image = ImageBuilder::new()
+        .layer(layer("idtoken", Compression::Gzip))
+        .cmd(&["/bin/true"])
+        .build()
+        .expect("image");
+    registry.push("private/idtoken", "v1", &image);
+    let config_dir = tempfile::tempdir().expect("tmp");
+    let bin = tempfile::tempdir().expect("tmp");
+    let addr = registry.addr.as_str();
+    common::fake_credential_helper(bin.path(), "kilnidt", &[(addr, "<token>", REFRESH_TOKEN)]);
+    common::fake_credential_helper(bin.path(), "kilnrevoked", &[(addr, "<token>", "revoked")]);
+    common::run_child_test(
+        "identity_token_child",
+        config_dir.path(),
+        bin.path(),
+        &[
+            ("KILN_TEST_PULL", &registry.reference("private/idtoken:v1")),
+            ("KILN_TEST_DIGEST", &image.manifest.digest),
+        ],
+    );
+    let grants: Vec<TokenRequest> = registry
+        .token
+        .requests()
+        .into_iter()
+        .filter(|r| r.grant.as_deref() == Some("refresh_token"))
+        .collect();
+    assert!(
+        grants.iter().any(|r| r.status == 200
+            && r.service.as_deref() == Some(SERVICE)
+            && r.scopes
+                .iter()
+                .any(|s| s == "repository:private/idtoken:pull")),
+        "{grants:?}"
+    );
+    assert!(grants.iter().any(|r| r.status == 401), "{grants:?}");
+}
+
+#[test]
+#[ignore = "run by identity_token_from_a_credential_helper in a child process"]
+fn identity_token_child() {
+    let reference = std::env::var("KILN_TEST_PULL").expect("KILN_TEST_PULL");
+    let digest = std::env::var("KILN_TEST_DIGEST").expect("KILN_TEST_DIGEST");
+    let config = PathBuf::from(std::env::var_os("DOCKER_CONFIG").expect("DOCKER_CONFIG"))
+        .join("config.json");
+    std::fs::write(&config, r#"{"credsStore": "kilnidt"}"#).expect("config.json");
+    let (_dir, store) = store();
+    let record = store
+        .pull(&reference, &quiet())
+        .expect("pull with an identity token");
+    assert_eq!(record.manifest_digest, digest);
+
+    std::fs::write(&config, r#"{"credsStore": "kilnrevoked"}"#).expect("config.json");
+    let (_dir, store) = common::store();
+    let err = store
+        .pull(&reference, &quiet())
+        .expect_err("a revoked identity token");
+    eprintln!("expected error: {err}");
+    assert!(matches!(err, Error::AuthFailed { .. }), "{err}");
+    assert!(err.to_string().contains("identity token"), "{err}");
 }

@@ -377,3 +377,60 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Writes a fake `docker-credential-<name>` into `bin`: `get` logs the server it was asked
+/// about to `<bin>/<name>.log` and answers `{"ServerURL", "Username", "Secret"}` for the
+/// servers in `answers`, "credentials not found in native keychain" (exit 1) for others.
+pub fn fake_credential_helper(bin: &Path, name: &str, answers: &[(&str, &str, &str)]) {
+    use std::os::unix::fs::PermissionsExt;
+    let log = bin.join(format!("{name}.log"));
+    let mut script = format!(
+        "#!/bin/sh\n[ \"$1\" = get ] || {{ echo \"unsupported action $1\" >&2; exit 2; }}\n\
+         server=$(cat)\necho \"$server\" >> '{}'\ncase \"$server\" in\n",
+        log.display()
+    );
+    for (server, username, secret) in answers {
+        let json = serde_json::json!({"ServerURL": server, "Username": username, "Secret": secret})
+            .to_string();
+        assert!(!json.contains('\'') && !server.contains('\''), "quoting");
+        script.push_str(&format!("  '{server}') printf '%s' '{json}' ;;\n"));
+    }
+    script.push_str("  *) echo \"credentials not found in native keychain\"; exit 1 ;;\nesac\n");
+    let path = bin.join(format!("docker-credential-{name}"));
+    std::fs::write(&path, script).expect("writing the fake helper");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+/// The servers a fake helper was asked about, in order.
+pub fn helper_log(bin: &Path, name: &str) -> Vec<String> {
+    std::fs::read_to_string(bin.join(format!("{name}.log")))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Runs the ignored test `name` of this test binary in a child process with `DOCKER_CONFIG`
+/// set and `bin` first in `PATH` (environment other tests must not see), plus `env`; fails
+/// with its output unless it passed.
+pub fn run_child_test(name: &str, docker_config: &Path, bin: &Path, env: &[(&str, &str)]) {
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", name, "--include-ignored", "--nocapture"])
+        .env("DOCKER_CONFIG", docker_config)
+        .env("PATH", path)
+        .envs(env.iter().copied())
+        .output()
+        .expect("running the child test");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "child test {name} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
