@@ -122,7 +122,10 @@ def callgrind(binary, guests, config, work):
 
 # Functions the valgrind runs miss but a native start runs (seen in `perf record -e
 # page-faults -d` of the native binary): the ELF entry point and glibc's static start-up.
-ALWAYS = ["_start", "_dl_new_object", "_dl_add_to_namespace_list"]
+ALWAYS = ["_start", "_dl_new_object", "_dl_add_to_namespace_list", "_dl_setup_hash"]
+
+# glibc's multiarch string functions (the targets of its IFUNC resolvers).
+IFUNC_VARIANT = re.compile(r"^__\w+_(sse2|ssse3|sse4|sse42|avx|avx2|avx512|evex|erms|rtm|movbe)")
 
 MAP_LINE = re.compile(r"^\s*([0-9a-f]+)\s+[0-9a-f]+\s+([0-9a-f]+)\s+\d+( +)(\S.*)$")
 
@@ -201,16 +204,23 @@ def main():
             return None
 
         native = [section_of(a) for a in ifunc_choices(binary, guests["spin"], work)]
-        seen = [section_of(symbols[n]) for n in callgrind(binary, guests, config, work)
-                if n in symbols]
-        seen += [section_of(symbols[n]) for n in ALWAYS if n in symbols]
-        hot = [s for s in native if s] + sorted(set(s for s in seen if s))
+        names = callgrind(binary, guests, config, work) + ALWAYS
+        # String-function variants valgrind's CPU picked but this one does not: kept (another
+        # CPU may pick them) but after everything this CPU runs.
+        other_cpu = set(section_of(symbols[n]) for n in names
+                        if n in symbols and IFUNC_VARIANT.match(n)) - set(native)
+        seen = set(section_of(symbols[n]) for n in names if n in symbols)
+        # Functions without a symbol valgrind can name (crtbegin's frame_dummy and friends,
+        # run from .init_array) come as addresses.
+        seen |= set(section_of(int(n, 16)) for n in names if re.fullmatch(r"0x[0-9a-f]+", n))
+        hot = [s for s in native if s] + sorted(s for s in seen - other_cpu if s)
+        tail = sorted(s for s in other_cpu if s)
         # The exact names first: with the hashes of this build they match only the functions
         # that ran. The hash-free patterns after them catch the same functions once the hashes
         # change (and other instances of the same generic function, hence last).
         ordered, done = [], set()
-        for exact in (True, False):
-            for sec in hot:
+        for exact, group in ((True, hot), (True, tail), (False, hot)):
+            for sec in group:
                 pat = pattern(sec[2], sec[3], exact)
                 if pat not in done:
                     done.add(pat)
@@ -224,6 +234,9 @@ def main():
             for pat, _ in ordered:
                 f.write(f"    {pat}\n")
             f.write("  }\n}\nINSERT BEFORE .text;\n")
+            # glibc's IFUNC call stubs (every memcpy and strlen goes through them) are a
+            # section of their own after the text; put them just before the hot functions.
+            f.write("SECTIONS\n{\n  .iplt : { *(.iplt) }\n}\nINSERT BEFORE .text.kiln_hot;\n")
         print(f"{args.out}: {len(ordered)} patterns, {total} bytes of code when generated",
               file=sys.stderr)
     finally:
