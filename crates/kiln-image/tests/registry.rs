@@ -272,6 +272,14 @@ fn corrupt_blob_is_refused_and_not_kept() {
         err.to_string().contains(&bad.digest),
         "names the blob: {err}"
     );
+    // Blobs are asked for as a range from byte 0 (206), so kiln's own check is the one that
+    // caught the corruption: oci-client does not hash them a second time.
+    let log = std::fs::read_to_string(&registry.log).unwrap_or_default();
+    let needle = format!("\"GET /v2/corrupt/blobs/{} ", bad.digest);
+    assert!(
+        log.lines().any(|l| l.contains(&needle) && l.contains("\" 206 ")),
+        "registry log:\n{log}"
+    );
     assert!(!store.has_blob(&bad.digest));
     let files = blob_files(&store);
     assert!(
