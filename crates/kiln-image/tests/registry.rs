@@ -277,7 +277,8 @@ fn corrupt_blob_is_refused_and_not_kept() {
     let log = std::fs::read_to_string(&registry.log).unwrap_or_default();
     let needle = format!("\"GET /v2/corrupt/blobs/{} ", bad.digest);
     assert!(
-        log.lines().any(|l| l.contains(&needle) && l.contains("\" 206 ")),
+        log.lines()
+            .any(|l| l.contains(&needle) && l.contains("\" 206 ")),
         "registry log:\n{log}"
     );
     assert!(!store.has_blob(&bad.digest));
