@@ -460,7 +460,11 @@ async fn download(
                 }
             }
         }
-        writer.commit()?;
+        // fsync, verify, rename off the runtime's thread: the other downloads go on meanwhile
+        // (an fsync can take long on a busy disk).
+        tokio::task::spawn_blocking(move || writer.commit())
+            .await
+            .map_err(|e| Error::Other(format!("committing blob {}: {e}", desc.digest)))??;
         Ok(())
     }
     .await;
