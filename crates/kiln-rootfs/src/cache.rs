@@ -184,11 +184,31 @@ impl DiskCache {
         let started = std::time::Instant::now();
         let tree = dir.join(temp_name(encoded, "tree"));
         let tmp_image = dir.join(temp_name(encoded, "build"));
+        let mut remover = None;
         let result = (|| {
-            // Dropping the scratch space (after the image is built) removes the tree in it.
-            let (rootfs, _scratch) = self.unpack(layers, &tree)?;
+            let (rootfs, mut scratch) = self.unpack(layers, &tree)?;
             tracing::debug!(stats = ?rootfs.stats(), path = %rootfs.path().display(), "unpacked {digest}");
-            self.builder.build(rootfs.path(), &tmp_image, free_space)?;
+            // Once mkfs has read the tree, it is removed on another thread while the image is
+            // checked and synced. Dropping the scratch space removes the tree in it; should
+            // the thread not start, that happens right here, and a tree next to the cache is
+            // removed below.
+            let mut release = || {
+                let scratch = scratch.take();
+                let tree = tree.clone();
+                remover = std::thread::Builder::new()
+                    .name("kiln-rm-tree".into())
+                    .spawn(move || match scratch {
+                        Some(scratch) => drop(scratch),
+                        None => {
+                            if let Err(e) = remove_path(&tree) {
+                                tracing::warn!(error = %e, "could not remove unpacked tree");
+                            }
+                        }
+                    })
+                    .ok();
+            };
+            self.builder
+                .build_then_release(rootfs.path(), &tmp_image, free_space, &mut release)?;
             let file = File::open(&tmp_image).map_err(|e| Error::io("open", &tmp_image, e))?;
             file.sync_all()
                 .map_err(|e| Error::io("sync", &tmp_image, e))?;
@@ -196,6 +216,9 @@ impl DiskCache {
                 .map_err(|e| Error::io("rename into place", &path, e))?;
             sync_dir(&dir)
         })();
+        if let Some(remover) = remover {
+            let _ = remover.join();
+        }
         if tree.exists() {
             if let Err(e) = remove_path(&tree) {
                 tracing::warn!(error = %e, "could not remove unpacked tree");

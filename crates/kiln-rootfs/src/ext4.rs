@@ -43,6 +43,22 @@ pub trait FsImageBuilder: Send + Sync {
     /// device nodes kept) with at least `free_space` bytes left free. `out` must not exist.
     fn build(&self, src: &Path, out: &Path, free_space: u64) -> Result<()>;
 
+    /// [`FsImageBuilder::build`] that calls `src_done` once `src` will not be read again, so
+    /// the caller can remove the tree while the image is still being checked. `src_done` is
+    /// called at most once, and not at all if the build fails before it is done reading.
+    /// The default calls it after `build` succeeded.
+    fn build_then_release(
+        &self,
+        src: &Path,
+        out: &Path,
+        free_space: u64,
+        src_done: &mut dyn FnMut(),
+    ) -> Result<()> {
+        self.build(src, out, free_space)?;
+        src_done();
+        Ok(())
+    }
+
     /// Grows the image file to `size` bytes and the filesystem inside to fill it.
     fn grow(&self, image: &Path, size: u64) -> Result<()>;
 
@@ -161,6 +177,16 @@ pub fn fs_usage(image: &Path) -> Result<FsUsage> {
 
 impl FsImageBuilder for MkfsExt4 {
     fn build(&self, src: &Path, out: &Path, free_space: u64) -> Result<()> {
+        self.build_then_release(src, out, free_space, &mut || {})
+    }
+
+    fn build_then_release(
+        &self,
+        src: &Path,
+        out: &Path,
+        free_space: u64,
+        src_done: &mut dyn FnMut(),
+    ) -> Result<()> {
         Self::check_tools()?;
         let usage = TreeUsage::measure(src)?;
         let want_free = free_space.div_ceil(BLOCK_SIZE);
@@ -191,6 +217,8 @@ impl FsImageBuilder for MkfsExt4 {
                 }
             }
             set_root_meta(src, out)?;
+            // Everything below reads only the image.
+            src_done();
             let got = fs_usage(out)?;
             if got.free_blocks < want_free {
                 let short = want_free - got.free_blocks;

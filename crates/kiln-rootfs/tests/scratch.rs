@@ -212,6 +212,12 @@ fn trees_over_the_cap_are_unpacked_next_to_the_cache() {
     assert!(only_source(&sources).starts_with(tmp.join("k1/rootfs")));
     assert_eq!(cat(&image, "/big"), big);
     assert_eq!(host_ls(&scratch), Vec::<String>::new());
+    let hex = DIGEST.trim_start_matches("sha256:");
+    assert_eq!(
+        host_ls(&tmp.join("k1/rootfs/sha256")),
+        vec![format!("{hex}.ext4"), format!("{hex}.lock")],
+        "the tree next to the cache is gone"
+    );
 
     // The estimate fits but the tree does not (each small file takes a whole page): the
     // unpack stops at the cap and is redone next to the cache.
