@@ -22,7 +22,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use rustix::fs::{FlockOperation, Mode, OFlags};
+use rustix::fs::{FlockOperation, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 
 use crate::error::Error;
@@ -100,7 +100,13 @@ impl Scratch {
         let setup = (|| {
             let lock = lock_file(&new, true)?;
             rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive)?;
-            std::fs::rename(&new, &dir)?;
+            rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                &new,
+                rustix::fs::CWD,
+                &dir,
+                RenameFlags::NOREPLACE,
+            )?;
             Ok(lock)
         })();
         match setup {
