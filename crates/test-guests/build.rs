@@ -59,6 +59,21 @@ const GUESTS: &[Guest] = &[
             "usermode.c",
         ],
     ),
+    // blk-bench with a PVH entry (pvh_entry.S: 32-bit start info -> zero page, long mode, then
+    // the usual 64-bit entry), so that QEMU can boot it for bench/devices.py's baseline.
+    Guest {
+        name: "blk-bench-pvh",
+        sources: &[
+            "pvh_entry.S",
+            "blk_bench.c",
+            "vq.c",
+            "virtio.c",
+            "usermode.c",
+        ],
+        runtime: true,
+        script: "guest-pvh.ld",
+        pvh: true,
+    },
     Guest {
         name: "pvh",
         sources: &["pvh.S"],
