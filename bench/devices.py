@@ -333,6 +333,7 @@ def blk_run(vmm, guest, disk, op, size, req, depth, user, mark):
                       "-cpu host,-arch-capabilities", file=sys.stderr, flush=True)
                 vm = Vm(None, None, "qemu-blk",
                         argv=qemu_argv(binary, guest, disk, f"console=ttyS0 {args}"))
+        ready = vm.line_at(vm.wait_for(b"blkbench: ready "))
         at = vm.wait_for(b"blkbench: start round=0\r\n")
         t0, c0 = time.perf_counter(), cpu_sample(vm.proc.pid)
         at = vm.wait_for(b"blkbench: end", at)
@@ -360,7 +361,7 @@ def blk_run(vmm, guest, disk, op, size, req, depth, user, mark):
         if field(mark_line, "marked") != str(want):
             raise Failed(f"the guest's buffers do not hold the written mark: {mark_line}")
     return dict(wall=t1 - t0, cpu=cpu_delta(c0, c1), guest_s=int(field(line, "us")) / 1e6,
-                bytes=moved)
+                bytes=moved, features=field(ready, "features"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -664,8 +665,16 @@ def report(args, modes, measures, vmms, raw, failures, load_before):
         print(f"QEMU ({qver[0] if qver else '?'}), guest blk-bench-pvh (PVH entry), runs "
               f"interleaved with kiln-vmm's: "
               + " ".join(qemu_argv("qemu-system-x86_64", "GUEST", "DISK", "...")[1:-2]))
+        feats = {}
+        for key, runs in raw.items():
+            for r in runs:
+                if r.get("features"):
+                    feats.setdefault(key.rsplit(" ", 1)[1], r["features"])
         print("blk data checked: every write run's mark in all chunks of the file, every read "
-              "run's buffers hold the last mark")
+              "run's buffers hold the last mark; virtio features the guest accepted: "
+              + ", ".join(f"{n} {f}" for n, f in feats.items())
+              + " (bit 9 = FLUSH: QEMU then caches writes instead of writing through; kiln-vmm's "
+              "default cache type neither offers it nor syncs)")
     else:
         print("QEMU: not measured (--no-qemu, or qemu-system-x86_64 not found)")
     if any(dev == "vsock" for _, dev, _ in measures):
