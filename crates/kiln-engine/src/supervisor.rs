@@ -23,7 +23,7 @@ use kiln_agent_protocol::{
 };
 
 use crate::backend::{backend, LaunchSpec, Launched, NetworkMode};
-use crate::control::{log_tag, ControlEvent, ControlRequest};
+use crate::control::{self, log_tag, ControlEvent, ControlRequest};
 use crate::error::{EngineError, Result};
 use crate::state::{now_ms, StateStore, VmStatus};
 use crate::vm::{VmPaths, VmSpec};
@@ -161,11 +161,10 @@ fn append_kiln_message(path: &Path, message: &str) {
 }
 
 fn write_log_record(file: &mut File, tag: u8, data: &[u8]) -> std::io::Result<()> {
-    let mut record = Vec::with_capacity(5 + data.len());
-    record.push(tag);
-    record.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    record.extend_from_slice(data);
-    file.write_all(&record)
+    let time_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    file.write_all(&control::encode_log_record(tag, time_ns, data))
 }
 
 /// Boots the VM, runs it to the end and returns (exit code, reason).

@@ -795,6 +795,39 @@ fn logs_follow_streams_until_the_vm_exits() {
     let out = root.kiln(&["logs", "--tail", "2", name]);
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(text(&out.stdout), "line2\nline3\n");
+
+    // --timestamps: each line starts with the time kiln received it.
+    let out = root.kiln(&["logs", "--timestamps", name]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let stamped: Vec<(std::time::SystemTime, String)> = text(&out.stdout)
+        .lines()
+        .map(|line| {
+            let (stamp, rest) = line.split_once(' ').expect("a time, then the line");
+            let time = humantime::parse_rfc3339(stamp)
+                .unwrap_or_else(|e| panic!("{stamp:?} is not an RFC 3339 time: {e}"));
+            (time, rest.to_string())
+        })
+        .collect();
+    let lines: Vec<&str> = stamped.iter().map(|(_, l)| l.as_str()).collect();
+    assert_eq!(lines, ["line1", "line2", "line3"]);
+    let spread = stamped[2]
+        .0
+        .duration_since(stamped[0].0)
+        .expect("times in order");
+    assert!(
+        spread >= Duration::from_millis(1500) && spread < Duration::from_secs(30),
+        "the guest slept 1 s between lines: {spread:?}"
+    );
+    // --since: from the second line's time on; a duration back from now covers all.
+    let since = humantime::format_rfc3339_nanos(stamped[1].0).to_string();
+    let out = root.kiln(&["logs", "--since", &since, name]);
+    assert_eq!(text(&out.stdout), "line2\nline3\n", "{}", describe(&out));
+    let out = root.kiln(&["logs", "--since", "1h", "-n", "1", name]);
+    assert_eq!(text(&out.stdout), "line3\n", "{}", describe(&out));
+    let out = root.kiln(&["logs", "--since", "last tuesday", name]);
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(text(&out.stderr).contains("--since"), "{}", describe(&out));
+
     let out = root.kiln(&["rm", name]);
     assert!(out.status.success(), "{}", describe(&out));
 }

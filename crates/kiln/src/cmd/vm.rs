@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use kiln_engine::backend::{choose_backend, BackendChoice, NetworkMode};
 use kiln_engine::client::{Session, SessionEnd};
-use kiln_engine::control::{log_tag, parse_output_log};
+use kiln_engine::control::{parse_output_log, LogRecord};
 use kiln_engine::state::{VmRecord, VmStatus};
 use kiln_engine::vm::{CreateOptions, Engine, VmPaths};
 use kiln_image::{ProgressMode, PullOptions};
@@ -165,6 +165,12 @@ pub struct LogsArgs {
     /// Only the last N lines (then follow, with -f).
     #[arg(short = 'n', long, value_name = "N")]
     tail: Option<usize>,
+    /// Start each line with the time kiln received it (RFC 3339, UTC).
+    #[arg(short = 't', long)]
+    timestamps: bool,
+    /// Only output received since a time (2026-12-07T16:30:00Z) or for a duration (10m).
+    #[arg(long, value_name = "TIME|DURATION")]
+    since: Option<String>,
     /// VM.
     vm: String,
 }
@@ -782,8 +788,89 @@ pub fn ps(args: PsArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+/// Writes `output.log` records to the user's stdout and stderr, with `--timestamps` and
+/// `--since` applied line by line.
+struct LogPrinter {
+    timestamps: bool,
+    since_ns: Option<u64>,
+    /// Per stream (stdout, stderr): whether the next byte starts a line.
+    at_line_start: [bool; 2],
+}
+
+impl LogPrinter {
+    fn new(args: &LogsArgs) -> anyhow::Result<LogPrinter> {
+        let since_ns = args.since.as_deref().map(parse_since).transpose()?;
+        Ok(LogPrinter {
+            timestamps: args.timestamps,
+            since_ns,
+            at_line_start: [true, true],
+        })
+    }
+
+    /// Whether `--since` keeps this record (records without a time are kept).
+    fn wanted(&self, record: &LogRecord<'_>) -> bool {
+        match (self.since_ns, record.time_ns) {
+            (Some(since), Some(time)) => time >= since,
+            _ => true,
+        }
+    }
+
+    fn print(&mut self, record: LogRecord<'_>) {
+        if !self.wanted(&record) {
+            return;
+        }
+        let stream = usize::from(record.stderr);
+        let mut out: Box<dyn Write> = if record.stderr {
+            Box::new(std::io::stderr().lock())
+        } else {
+            Box::new(std::io::stdout().lock())
+        };
+        let stamp = match (self.timestamps, record.time_ns) {
+            (true, Some(ns)) => Some(humantime::format_rfc3339_nanos(
+                std::time::UNIX_EPOCH + Duration::from_nanos(ns),
+            )),
+            _ => None,
+        };
+        let Some(stamp) = stamp else {
+            let _ = out.write_all(record.data);
+            self.at_line_start[stream] = record.data.last() == Some(&b'\n');
+            return;
+        };
+        for line in record.data.split_inclusive(|&b| b == b'\n') {
+            if self.at_line_start[stream] {
+                let _ = write!(out, "{stamp} ");
+            }
+            let _ = out.write_all(line);
+            self.at_line_start[stream] = line.last() == Some(&b'\n');
+        }
+    }
+}
+
+/// `--since`: an RFC 3339 time (`2026-12-07T16:30:00Z`, or without the zone, as UTC) or a
+/// duration back from now (`10m`, `1h 30m`).
+fn parse_since(text: &str) -> anyhow::Result<u64> {
+    let time = if let Ok(ago) = humantime::parse_duration(text) {
+        std::time::SystemTime::now()
+            .checked_sub(ago)
+            .unwrap_or(std::time::UNIX_EPOCH)
+    } else if let Ok(time) = humantime::parse_rfc3339_weak(text) {
+        time
+    } else {
+        bail!(
+            "--since {text:?} is neither a time like 2026-12-07T16:30:00Z nor a duration like 10m"
+        );
+    };
+    Ok(time
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)))
+}
+
 /// `kiln logs`.
 pub fn logs(args: LogsArgs) -> anyhow::Result<u8> {
+    if args.console && (args.timestamps || args.since.is_some()) {
+        bail!("--timestamps and --since apply to the process's output, not to --console");
+    }
+    let mut printer = LogPrinter::new(&args)?;
     let engine = engine()?;
     let record = engine.get(&args.vm)?;
     let paths = VmPaths::new(&record.dir);
@@ -798,7 +885,6 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<u8> {
         Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
     };
     let stdout = std::io::stdout();
-    let stderr = std::io::stderr();
     let mut pending: Vec<u8> = Vec::new();
     if let (Some(lines), Some(f)) = (args.tail, file.as_mut()) {
         let mut all = Vec::new();
@@ -807,27 +893,22 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<u8> {
             let (_, at) = tail_start(&[&all], lines);
             stdout.lock().write_all(&all[at..])?;
         } else {
-            let mut records: Vec<(u8, &[u8])> = Vec::new();
             // Whole records only; a record still being written is picked up by -f below.
-            let used = parse_output_log(&all, |_, _| {});
-            let mut at = 0;
-            while at + 5 <= used {
-                let tag = all[at];
-                let mut len = [0u8; 4];
-                len.copy_from_slice(&all[at + 1..at + 5]);
-                let len = u32::from_le_bytes(len) as usize;
-                records.push((tag, &all[at + 5..at + 5 + len]));
-                at += 5 + len;
-            }
-            let chunks: Vec<&[u8]> = records.iter().map(|(_, d)| *d).collect();
+            let mut records = Vec::new();
+            let used = parse_output_log(&all, |r| {
+                if printer.wanted(&r) {
+                    records.push(r);
+                }
+            });
+            let chunks: Vec<&[u8]> = records.iter().map(|r| r.data).collect();
             let (first, offset) = tail_start(&chunks, lines);
-            for (i, (tag, data)) in records.iter().enumerate().skip(first) {
-                let data = if i == first { &data[offset..] } else { data };
-                let _ = if *tag == log_tag::STDERR {
-                    stderr.lock().write_all(data)
+            for (i, record) in records.iter().enumerate().skip(first) {
+                let data = if i == first {
+                    &record.data[offset..]
                 } else {
-                    stdout.lock().write_all(data)
+                    record.data
                 };
+                printer.print(LogRecord { data, ..*record });
             }
             pending.extend_from_slice(&all[used..]);
         }
@@ -846,13 +927,7 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<u8> {
                     stdout.lock().write_all(&buf[..n])?;
                 } else {
                     pending.extend_from_slice(&buf[..n]);
-                    let used = parse_output_log(&pending, |tag, data| {
-                        let _ = if tag == log_tag::STDERR {
-                            stderr.lock().write_all(data)
-                        } else {
-                            stdout.lock().write_all(data)
-                        };
-                    });
+                    let used = parse_output_log(&pending, |r| printer.print(r));
                     pending.drain(..used);
                 }
             }
@@ -875,13 +950,7 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<u8> {
                         stdout.lock().write_all(&rest)?;
                     } else {
                         pending.extend_from_slice(&rest);
-                        parse_output_log(&pending, |tag, data| {
-                            let _ = if tag == log_tag::STDERR {
-                                stderr.lock().write_all(data)
-                            } else {
-                                stdout.lock().write_all(data)
-                            };
-                        });
+                        parse_output_log(&pending, |r| printer.print(r));
                     }
                 }
                 break;
