@@ -123,11 +123,6 @@ impl BlobWriter {
         }
     }
 
-    /// Bytes written so far.
-    pub(crate) fn written(&self) -> u64 {
-        self.hasher.len()
-    }
-
     /// fsyncs, verifies size and digest, and renames the blob into place.
     pub(crate) fn commit(mut self) -> Result<PathBuf> {
         let file = self

@@ -7,6 +7,10 @@
 //!   all images. A blob is written to a temporary file in the same directory, fsynced,
 //!   verified against its digest and only then renamed into place, so a blob file that exists
 //!   is always complete and correct.
+//! - `partial/<hex>`: a blob a pull has begun, with `partial/<hex>.json` recording how much
+//!   of it is durably on disk. An interrupted pull (Ctrl-C, `kill -9`, a dropped connection)
+//!   resumes from there with an HTTP range request; the whole blob is still verified before it
+//!   is renamed into `blobs/sha256`. `prune` removes partial files untouched for 24 hours.
 //! - `refs.json`: image references → manifest digests, replaced atomically under an exclusive
 //!   `flock` on `refs.lock` (see [`store`] for why a locked file and not SQLite).
 //! - `gc.lock`: writers (pulls, imports, [`Store::lease`]) hold it shared; `prune` holds it
@@ -24,6 +28,7 @@ mod import;
 mod lock;
 pub mod manifest;
 pub mod oci;
+mod partial;
 mod progress;
 mod pull;
 mod reference;

@@ -33,27 +33,38 @@ impl FileLock {
             .write(true)
             .open(path)
             .at(path)?;
-        let mut op = if exclusive {
-            libc::LOCK_EX
+        if flock(&file, exclusive, block).at(path)? {
+            Ok(Some(FileLock { _file: file }))
         } else {
-            libc::LOCK_SH
-        };
-        if !block {
-            op |= libc::LOCK_NB;
+            Ok(None)
         }
-        loop {
-            // SAFETY: flock only takes a file descriptor, which `file` keeps open for the
-            // duration of the call; no memory is shared with the kernel.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
-            if rc == 0 {
-                return Ok(Some(FileLock { _file: file }));
-            }
-            let err = std::io::Error::last_os_error();
-            match err.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EWOULDBLOCK) if !block => return Ok(None),
-                _ => return Err(crate::Error::io(path, err)),
-            }
+    }
+}
+
+/// `flock(2)` on an open file: `Ok(true)` once held, `Ok(false)` if `block` is false and
+/// another open file description holds a conflicting lock. The lock lasts as long as `file`'s
+/// open file description (it is not tied to the path, which may be renamed or unlinked).
+pub(crate) fn flock(file: &File, exclusive: bool, block: bool) -> std::io::Result<bool> {
+    let mut op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    if !block {
+        op |= libc::LOCK_NB;
+    }
+    loop {
+        // SAFETY: flock only takes a file descriptor, which `file` keeps open for the
+        // duration of the call; no memory is shared with the kernel.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) if !block => return Ok(false),
+            _ => return Err(err),
         }
     }
 }

@@ -89,10 +89,38 @@ pub(crate) struct BlobProgress {
 }
 
 impl BlobProgress {
-    /// The download started.
-    pub(crate) fn started(&self, size: u64) {
+    /// The download started, at `offset` when resuming a partial download: the bar starts
+    /// there, so what is left (and the rate) reads right.
+    pub(crate) fn started(&self, size: u64, offset: u64) {
+        self.set_position(offset);
         if self.plain {
-            eprintln!("{}: downloading {}", self.label, human_size(size));
+            if offset > 0 {
+                eprintln!(
+                    "{}: resuming at {} of {}",
+                    self.label,
+                    human_size(offset),
+                    human_size(size)
+                );
+            } else {
+                eprintln!("{}: downloading {}", self.label, human_size(size));
+            }
+        }
+    }
+
+    /// The bytes held so far changed other than by arriving (resume, restart from 0).
+    pub(crate) fn set_position(&self, pos: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(pos);
+            bar.reset_eta();
+        }
+    }
+
+    /// A note on the bar (or a plain line): "waiting for another pull", "starting over".
+    pub(crate) fn note(&self, msg: &str) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(msg.to_string());
+        } else if self.plain {
+            eprintln!("{}: {msg}", self.label);
         }
     }
 

@@ -1,6 +1,5 @@
 //! Pulling images from registries through the distribution API (oci-client).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::{self, StreamExt};
@@ -10,10 +9,11 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
 
 use crate::auth::Secret;
-use crate::blob::{self, BlobWriter};
+use crate::blob;
 use crate::error::{Error, Result};
 use crate::manifest::{self, Descriptor, Document};
-use crate::progress::{Progress, ProgressMode};
+use crate::partial::Partial;
+use crate::progress::{BlobProgress, Progress, ProgressMode};
 use crate::reference::{self, registry_of};
 use crate::store::{ImageRecord, Store};
 use crate::Credentials;
@@ -319,13 +319,13 @@ impl Store {
         // The config first: it is small and tells whether the image can run here at all.
         if !self.has_blob(&manifest.config.digest) {
             let progress = Progress::new(ProgressMode::Quiet);
-            download(&client, &parsed, &manifest.config, &dir, &progress, &ctx).await?;
+            download(&client, &parsed, &manifest.config, self, &progress, &ctx).await?;
         }
         let config_bytes = self.read_blob(&manifest.config.digest)?;
         check_config(&config_bytes, &ctx.reference)?;
 
         let downloads = manifest.layers.iter().map(|layer| {
-            let (client, parsed, dir, progress, ctx) = (&client, &parsed, &dir, &progress, &ctx);
+            let (client, parsed, progress, ctx) = (&client, &parsed, &progress, &ctx);
             async move {
                 if self.has_blob(&layer.digest) {
                     progress
@@ -333,7 +333,7 @@ impl Store {
                         .finish("already present");
                     return Ok(());
                 }
-                download(client, parsed, layer, dir, progress, ctx).await
+                download(client, parsed, layer, self, progress, ctx).await
             }
         });
         // Every download runs to its end even when another fails, so a retried pull finds
@@ -398,78 +398,300 @@ pub(crate) fn check_config(bytes: &[u8], reference: &str) -> Result<()> {
 }
 
 /// Streams one blob into the store, hashing as it goes; the blob appears only if verified.
+///
+/// The bytes go to the blob's partial file (see [`crate::partial`]), so a pull that is
+/// interrupted leaves them for the next one, which asks only for the rest.
 async fn download(
     client: &Client,
     image: &Reference,
     desc: &Descriptor,
-    dir: &std::path::Path,
+    store: &Store,
     progress: &Progress,
     ctx: &Ctx,
 ) -> Result<()> {
-    let bar = Arc::new(progress.blob(&desc.digest, desc.size));
-    bar.started(desc.size);
-    let result = async {
-        // Foreign URLs are never followed: the registry itself must serve every blob.
-        let none = None;
-        let layer = LayerDescriptor {
-            digest: &desc.digest,
-            urls: &none,
-        };
-        // The blob is asked for as the range from byte 0: oci-client then leaves the digest
-        // check to the BlobWriter (size and sha256 verified before the blob becomes visible)
-        // instead of hashing every byte a second time. A registry that ignores the range
-        // answers 200, and oci-client checks too. Empty blobs have no range to ask for.
-        let mut stream = if desc.size > 0 {
-            match client
-                .pull_blob_stream_partial(image, &layer, 0, None)
-                .await
-                .map_err(|e| ctx.map(e, Target::Blob(&desc.digest)))?
-            {
-                BlobResponse::Full(stream) | BlobResponse::Partial(stream) => stream,
-            }
+    let bar = progress.blob(&desc.digest, desc.size);
+    let result = fetch_blob(client, image, desc, store, &bar, ctx).await;
+    bar.finish(match result {
+        Ok(true) => "done",
+        Ok(false) => "already present",
+        Err(_) => "failed",
+    });
+    result.map(|_| ())
+}
+
+/// Runs blocking file work (fsync, re-hashing a partial file) off the async runtime's
+/// thread, so the other downloads go on meanwhile.
+async fn blocking<T: Send + 'static>(
+    digest: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Other(format!("storing blob {digest}: {e}")))?
+}
+
+/// Why one request for a blob did not leave a complete file.
+enum Stop {
+    /// The registry refused or mishandled the range request: fetch again from byte 0.
+    Range(Error),
+    /// The content cannot be the blob (more bytes than its size): it is discarded.
+    Corrupt(Error),
+    /// Anything else (network, auth, a missing blob): what arrived stays for the next pull.
+    Fail(Error),
+}
+
+/// Whether a registry's error answer to a range request may be about the range itself
+/// (416, or another 4xx that is not about auth, a missing blob or rate limits), so that
+/// asking for the whole blob could succeed.
+fn refused_range(e: &OciDistributionError) -> bool {
+    match e {
+        OciDistributionError::ServerError { code, .. } => {
+            *code == 416
+                || ((400..500).contains(code) && !matches!(code, 401 | 403 | 404 | 408 | 429))
+        }
+        OciDistributionError::RegistryError { envelope, .. } => !envelope.errors.iter().any(|e| {
+            matches!(
+                e.code,
+                OciErrorCode::BlobUnknown
+                    | OciErrorCode::NameUnknown
+                    | OciErrorCode::NotFound
+                    | OciErrorCode::Unauthorized
+                    | OciErrorCode::Denied
+                    | OciErrorCode::Toomanyrequests
+            )
+        }),
+        OciDistributionError::SpecViolationError(_) => true,
+        _ => false,
+    }
+}
+
+/// Makes what the partial file holds durable and recorded, so the next pull resumes from
+/// there; a failure is only logged (the caller is already returning an error of its own).
+async fn save(partial: &mut Partial, digest: &str) {
+    let checkpoint = match partial.checkpoint(true) {
+        Ok(Some(checkpoint)) => checkpoint,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!("keeping the partial download of {digest}: {e}");
+            return;
+        }
+    };
+    match blocking(digest, move || checkpoint.run()).await {
+        Ok(synced) => partial.checkpointed(synced),
+        Err(e) => tracing::warn!("keeping the partial download of {digest}: {e}"),
+    }
+}
+
+/// Downloads a blob into the store, resuming its partial file if there is one. `Ok(false)`
+/// when the blob turned out to be stored already (by a concurrent pull that held it).
+async fn fetch_blob(
+    client: &Client,
+    image: &Reference,
+    desc: &Descriptor,
+    store: &Store,
+    bar: &BlobProgress,
+    ctx: &Ctx,
+) -> Result<bool> {
+    let (partial_dir, blob_dir) = (store.partial_dir(), store.blob_dir());
+    let digest = desc.digest.as_str();
+    let partial = match Partial::lock(&partial_dir, &blob_dir, digest, desc.size, false)? {
+        Some(partial) => partial,
+        None => {
+            // Another pull is downloading this very blob: wait for it rather than fetch it
+            // twice. Its lock goes with it if it dies, so this cannot wait forever.
+            bar.note("waiting for another pull of this blob");
+            let (d, size) = (desc.digest.clone(), desc.size);
+            blocking(digest, move || {
+                Partial::lock(&partial_dir, &blob_dir, &d, size, true)?
+                    .ok_or_else(|| Error::Other(format!("partial blob {d}: lock not taken")))
+            })
+            .await?
+        }
+    };
+    if store.has_blob(digest) {
+        partial.discard()?;
+        return Ok(false);
+    }
+    let (mut partial, mut offset) = blocking(digest, move || {
+        let mut partial = partial;
+        let offset = partial.resume()?;
+        Ok((partial, offset))
+    })
+    .await?;
+    bar.started(desc.size, offset);
+    let mut retried = false;
+    loop {
+        let fetched = if offset < desc.size || desc.size == 0 {
+            fetch(client, image, desc, &mut partial, offset, bar, ctx).await
         } else {
-            client
-                .pull_blob_stream(image, &layer)
-                .await
-                .map_err(|e| ctx.map(e, Target::Blob(&desc.digest)))?
+            // Complete on disk already (killed before the rename): only the check is left.
+            Ok(offset)
         };
-        let mut writer = BlobWriter::create(dir, &desc.digest, Some(desc.size))?;
-        while let Some(chunk) = stream.next().await {
-            match chunk {
-                Ok(bytes) => {
-                    writer.write_all(&bytes)?;
-                    bar.inc(bytes.len() as u64);
+        let start = match fetched {
+            Ok(start) => start,
+            Err(Stop::Range(e)) if !retried => {
+                tracing::warn!("{e}; downloading blob {digest} again from byte 0");
+                bar.note("registry refused the range, starting over");
+                partial.restart()?;
+                bar.set_position(0);
+                (offset, retried) = (0, true);
+                continue;
+            }
+            Err(Stop::Corrupt(e)) => {
+                if offset > 0 && !retried {
+                    tracing::warn!("{e}; downloading blob {digest} again from byte 0");
+                    partial.restart()?;
+                    bar.set_position(0);
+                    (offset, retried) = (0, true);
+                    continue;
                 }
-                Err(e) => {
-                    if e.get_ref()
-                        .is_some_and(|inner| inner.is::<oci_client::errors::DigestError>())
-                    {
-                        // oci-client's own check fired at the end of the stream; report it
-                        // with our wording (the commit below would fail the same way).
-                        break;
-                    }
-                    return Err(Error::Registry {
+                partial.discard()?;
+                return Err(e);
+            }
+            Err(Stop::Range(e) | Stop::Fail(e)) => {
+                save(&mut partial, digest).await;
+                return Err(e);
+            }
+        };
+        if partial.written() < desc.size {
+            save(&mut partial, digest).await;
+            return Err(Error::Registry {
+                registry: ctx.registry.clone(),
+                message: format!(
+                    "downloading blob {digest} ended after {} of {} bytes",
+                    partial.written(),
+                    desc.size
+                ),
+            });
+        }
+        // fsync, verify, rename; a mismatch empties the partial file.
+        let (back, finished) = blocking(digest, move || {
+            let mut partial = partial;
+            let finished = partial.finish();
+            Ok((partial, finished))
+        })
+        .await?;
+        partial = back;
+        match finished {
+            Ok(_) => return Ok(true),
+            Err(e @ (Error::DigestMismatch { .. } | Error::SizeMismatch { .. })) => {
+                if start > 0 && !retried {
+                    // Resumed: the bytes kept on disk may be what is wrong. Once more, whole.
+                    tracing::warn!("{e}; downloading blob {digest} again from byte 0");
+                    bar.note("corrupt partial download, starting over");
+                    bar.set_position(0);
+                    (offset, retried) = (0, true);
+                    continue;
+                }
+                partial.discard()?;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One request for a blob from `offset`, appended to the partial file. Returns where the
+/// received content started (0 when the registry sent the whole blob instead of the range).
+async fn fetch(
+    client: &Client,
+    image: &Reference,
+    desc: &Descriptor,
+    partial: &mut Partial,
+    offset: u64,
+    bar: &BlobProgress,
+    ctx: &Ctx,
+) -> std::result::Result<u64, Stop> {
+    let digest = desc.digest.as_str();
+    // Foreign URLs are never followed: the registry itself must serve every blob.
+    let none = None;
+    let layer = LayerDescriptor {
+        digest,
+        urls: &none,
+    };
+    let mut start = offset;
+    // The blob is asked for as a range, from byte 0 or from where the partial file ends:
+    // oci-client then leaves the digest check to kiln (size and sha256 verified before the
+    // blob becomes visible) instead of hashing every byte a second time. A registry that
+    // ignores the range answers 200 with the whole blob, and oci-client checks too. Empty
+    // blobs have no range to ask for.
+    let mut stream = if desc.size > 0 {
+        match client
+            .pull_blob_stream_partial(image, &layer, offset, None)
+            .await
+        {
+            Ok(BlobResponse::Partial(stream)) => {
+                let want = desc.size - offset;
+                if let Some(len) = stream.content_length.filter(|len| *len != want) {
+                    return Err(Stop::Range(Error::Registry {
                         registry: ctx.registry.clone(),
                         message: format!(
-                            "downloading blob {} failed after {} bytes: {}",
-                            desc.digest,
-                            writer.written(),
-                            error_chain(&e)
+                            "asked for blob {digest} from byte {offset}, the registry sent \
+                             {len} bytes instead of {want}"
                         ),
-                    });
+                    }));
                 }
+                stream
+            }
+            Ok(BlobResponse::Full(stream)) => {
+                if offset > 0 {
+                    tracing::info!(
+                        "registry {} ignored the range; downloading blob {digest} whole",
+                        ctx.registry
+                    );
+                    partial.restart().map_err(Stop::Fail)?;
+                    bar.set_position(0);
+                    start = 0;
+                }
+                stream
+            }
+            Err(e) => {
+                let range = offset > 0 && refused_range(&e);
+                let e = ctx.map(e, Target::Blob(digest));
+                return Err(if range { Stop::Range(e) } else { Stop::Fail(e) });
             }
         }
-        // fsync, verify, rename off the runtime's thread: the other downloads go on meanwhile
-        // (an fsync can take long on a busy disk).
-        tokio::task::spawn_blocking(move || writer.commit())
+    } else {
+        client
+            .pull_blob_stream(image, &layer)
             .await
-            .map_err(|e| Error::Other(format!("committing blob {}: {e}", desc.digest)))??;
-        Ok(())
+            .map_err(|e| Stop::Fail(ctx.map(e, Target::Blob(digest))))?
+    };
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(bytes) => {
+                partial.write_all(&bytes).map_err(|e| match e {
+                    Error::SizeMismatch { .. } => Stop::Corrupt(e),
+                    e => Stop::Fail(e),
+                })?;
+                bar.inc(bytes.len() as u64);
+                if let Some(checkpoint) = partial.checkpoint(false).map_err(Stop::Fail)? {
+                    let synced = blocking(digest, move || checkpoint.run())
+                        .await
+                        .map_err(Stop::Fail)?;
+                    partial.checkpointed(synced);
+                }
+            }
+            Err(e) => {
+                if e.get_ref()
+                    .is_some_and(|inner| inner.is::<oci_client::errors::DigestError>())
+                {
+                    // oci-client's own check fired at the end of the stream; report it
+                    // with our wording (the final check fails the same way).
+                    break;
+                }
+                return Err(Stop::Fail(Error::Registry {
+                    registry: ctx.registry.clone(),
+                    message: format!(
+                        "downloading blob {digest} failed after {} bytes: {}",
+                        partial.written(),
+                        error_chain(&e)
+                    ),
+                }));
+            }
+        }
     }
-    .await;
-    bar.finish(if result.is_ok() { "done" } else { "failed" });
-    result
+    Ok(start)
 }
 
 #[cfg(test)]

@@ -170,7 +170,7 @@ impl Store {
             root: kiln_root.to_path_buf(),
             dir,
         };
-        for d in [store.blob_dir(), store.tmp_dir()] {
+        for d in [store.blob_dir(), store.tmp_dir(), store.partial_dir()] {
             fs::create_dir_all(&d).at(&d)?;
         }
         Ok(store)
@@ -189,6 +189,12 @@ impl Store {
     /// `<root>/images/blobs/sha256`.
     pub fn blob_dir(&self) -> PathBuf {
         self.dir.join("blobs").join("sha256")
+    }
+
+    /// `<root>/images/partial`: blobs a pull has begun, kept so the next pull resumes them
+    /// (see the `partial` module); never read as blobs.
+    pub(crate) fn partial_dir(&self) -> PathBuf {
+        self.dir.join("partial")
     }
 
     /// Scratch space on the store's filesystem (import extraction).
@@ -471,6 +477,10 @@ impl Store {
 
     /// Deletes every blob no stored reference needs, and leftovers of interrupted writes.
     /// Waits for running pulls, imports and leases to finish first.
+    ///
+    /// Partial downloads (`images/partial/`) are removed when no pull holds them and they are
+    /// stale: untouched for 24 hours, or of a blob that is stored by now. A fresher one stays,
+    /// so pruning between an interrupted pull and its retry does not throw the download away.
     pub fn prune(&self) -> Result<PruneReport> {
         let gc_path = self.dir.join("gc.lock");
         let _gc = match FileLock::try_acquire(&gc_path, true)? {
@@ -519,6 +529,12 @@ impl Store {
             } else {
                 format!("sha256:{name}")
             });
+        }
+        // Partial downloads no pull holds that are old, or whose blob arrived meanwhile.
+        // Younger ones stay so an interrupted pull still resumes after a prune.
+        for (name, bytes) in crate::partial::prune(&self.partial_dir(), &dir)? {
+            report.bytes += bytes;
+            report.removed.push(name);
         }
         // Import scratch directories of killed processes.
         let tmp = self.tmp_dir();
