@@ -9,12 +9,14 @@
 //! - [`supervisor`]: the process that runs one VM and outlives the CLI.
 //! - [`control`]: what the CLI and a supervisor say to each other.
 //! - [`client`]: the CLI side of sessions (attach, exec, copy).
+//! - [`logfile`]: size-capped console and output logs.
 
 pub mod backend;
 pub mod client;
 pub mod control;
 pub mod error;
 pub mod guest;
+pub mod logfile;
 pub mod network;
 pub mod state;
 pub mod supervisor;

@@ -7,7 +7,7 @@
 //! the supervisor is gone, whatever happened to it (even `kill -9`).
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -25,6 +25,7 @@ use kiln_agent_protocol::{
 use crate::backend::{backend, LaunchSpec, Launched, NetworkMode};
 use crate::control::{self, log_tag, ControlEvent, ControlRequest};
 use crate::error::{EngineError, Result};
+use crate::logfile::RotatingLog;
 use crate::state::{now_ms, StateStore, VmStatus};
 use crate::vm::{VmPaths, VmSpec};
 
@@ -65,7 +66,7 @@ struct Shared {
     next_session: AtomicU32,
     console_clients: Mutex<Vec<Sender<ControlEvent>>>,
     console_input: Mutex<Option<ChildStdin>>,
-    output_log: Mutex<File>,
+    output_log: Mutex<RotatingLog>,
     events: Mutex<Sender<Event>>,
     replies: Mutex<HashMap<&'static str, Sender<GuestMessage>>>,
     main_running: AtomicBool,
@@ -156,15 +157,16 @@ pub fn run(kiln_root: &Path, id: &str, wait_attach: bool) -> Result<()> {
 /// Appends a message from kiln itself to the main output log, as stderr.
 fn append_kiln_message(path: &Path, message: &str) {
     if let Ok(mut file) = OpenOptions::new().create(true).append(true).open(path) {
-        let _ = write_log_record(&mut file, log_tag::STDERR, message.as_bytes());
+        let _ = file.write_all(&log_record(log_tag::STDERR, message.as_bytes()));
     }
 }
 
-fn write_log_record(file: &mut File, tag: u8, data: &[u8]) -> std::io::Result<()> {
+/// A record of `output.log` stamped with the time now.
+fn log_record(tag: u8, data: &[u8]) -> Vec<u8> {
     let time_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-    file.write_all(&control::encode_log_record(tag, time_ns, data))
+    control::encode_log_record(tag, time_ns, data)
 }
 
 /// Boots the VM, runs it to the end and returns (exit code, reason).
@@ -187,10 +189,7 @@ fn supervise(
     let _ = std::fs::remove_file(&paths.control);
     let listener = UnixListener::bind(&paths.control)
         .map_err(|e| EngineError::io("bind", &paths.control, e))?;
-    let output_log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&paths.output)
+    let output_log = RotatingLog::open(&paths.output, spec.log_max_size)
         .map_err(|e| EngineError::io("open", &paths.output, e))?;
     let (events_tx, events) = mpsc::channel();
     let shared = Arc::new(Shared {
@@ -361,7 +360,8 @@ fn run_vm(
     if let Some(stdout) = child.stdout.take() {
         let shared = shared.clone();
         let path = paths.console.clone();
-        std::thread::spawn(move || console_loop(stdout, &path, &shared));
+        let max = spec.log_max_size;
+        std::thread::spawn(move || console_loop(stdout, &path, max, &shared));
     }
     *lock(&shared.console_input) = child.stdin.take();
 
@@ -587,8 +587,8 @@ fn stop_main(
 
 /// Copies the hypervisor's stdout (the guest's serial console) to `console.log` and to
 /// attached console clients.
-fn console_loop(mut stdout: impl Read, path: &Path, shared: &Shared) {
-    let mut log = OpenOptions::new().create(true).append(true).open(path).ok();
+fn console_loop(mut stdout: impl Read, path: &Path, max: u64, shared: &Shared) {
+    let mut log = RotatingLog::open(path, max).ok();
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = match stdout.read(&mut buf) {
@@ -596,7 +596,7 @@ fn console_loop(mut stdout: impl Read, path: &Path, shared: &Shared) {
             Ok(n) => n,
         };
         if let Some(log) = log.as_mut() {
-            let _ = log.write_all(&buf[..n]);
+            let _ = log.write(&buf[..n]);
         }
         lock(&shared.console_clients).retain(|client| {
             client
@@ -627,7 +627,7 @@ fn agent_loop(mut stream: UnixStream, shared: &Shared) {
                         Stream::Stdout => log_tag::STDOUT,
                         Stream::Stderr => log_tag::STDERR,
                     };
-                    let _ = write_log_record(&mut lock(&shared.output_log), tag, &data);
+                    let _ = lock(&shared.output_log).write(&log_record(tag, &data));
                     lock(&shared.main_clients).retain(|sink| {
                         if sink.backlog.load(Ordering::Relaxed) as usize > MAX_CLIENT_BACKLOG {
                             return false;
@@ -748,11 +748,7 @@ fn agent_loop(mut stream: UnixStream, shared: &Shared) {
 }
 
 fn append_to_log(shared: &Shared, message: &str) {
-    let _ = write_log_record(
-        &mut lock(&shared.output_log),
-        log_tag::STDERR,
-        message.as_bytes(),
-    );
+    let _ = lock(&shared.output_log).write(&log_record(log_tag::STDERR, message.as_bytes()));
 }
 
 fn end_session(shared: &Shared, session: SessionId) {

@@ -102,6 +102,13 @@ pub struct VmSpec {
     pub boot: BootSpec,
     /// Extra kernel command line.
     pub extra_cmdline: String,
+    /// Bytes per console or output log file before it rotates (0: no cap).
+    #[serde(default = "default_log_max_size")]
+    pub log_max_size: u64,
+}
+
+fn default_log_max_size() -> u64 {
+    crate::logfile::DEFAULT_LOG_MAX_SIZE
 }
 
 /// What `kiln create`/`run` asks for.
@@ -147,6 +154,8 @@ pub struct CreateOptions {
     pub pull: PullOptions,
     /// Extra kernel command line (`--kernel-args`), after kiln's own arguments.
     pub kernel_args: String,
+    /// Bytes per console or output log file before it rotates (0: no cap).
+    pub log_max_size: u64,
 }
 
 /// The engine's entry point: the kiln root and its stores.
@@ -282,6 +291,7 @@ impl Engine {
                 hostname: record.short_id().to_string(),
                 boot: boot.into(),
                 extra_cmdline: options.kernel_args.clone(),
+                log_max_size: options.log_max_size,
             };
             let spec_json = serde_json::to_value(&spec)
                 .map_err(|e| EngineError::Invalid(format!("VM spec: {e}")))?;

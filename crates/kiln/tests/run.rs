@@ -833,6 +833,83 @@ fn logs_follow_streams_until_the_vm_exits() {
 }
 
 #[test]
+fn logs_rotate_at_their_cap_and_a_follower_reads_across_rotations() {
+    require_prerequisites!();
+    let root = shared();
+    let name = "e2e-logcap";
+    // 4000 lines of 64 bytes (256000 bytes) against a 64 KiB cap, a pause every 1000 lines.
+    let script = "i=0; while [ $i -lt 4000 ]; do \
+                  printf 'line-%05d-%s\\n' $i 0123456789012345678901234567890123456789012345678; \
+                  i=$((i+1)); [ $((i % 1000)) = 0 ] && sleep 1; done; true";
+    let out = root.kiln(&[
+        "run",
+        "-d",
+        "--log-max-size",
+        "64K",
+        "--name",
+        name,
+        "kiln/default",
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let follow = root.kiln(&["logs", "-f", name]);
+    assert!(follow.status.success(), "{}", describe(&follow));
+    let expected: Vec<String> = (0..4000)
+        .map(|i| format!("line-{i:05}-0123456789012345678901234567890123456789012345678"))
+        .collect();
+    let followed = text(&follow.stdout);
+    let followed: Vec<&str> = followed.lines().collect();
+    assert_eq!(
+        followed.len(),
+        4000,
+        "the follower saw every line across the rotations"
+    );
+    assert!(followed.iter().zip(&expected).all(|(a, b)| a == b));
+    root.wait_status(name, "exited", Duration::from_secs(60));
+
+    // On disk: the current file and one previous part, each within the cap.
+    let record = root.inspect(name);
+    let dir = std::path::PathBuf::from(record["dir"].as_str().expect("dir"));
+    for file in ["output.log", "output.log.1"] {
+        let len = std::fs::metadata(dir.join(file))
+            .unwrap_or_else(|e| panic!("{file}: {e}"))
+            .len();
+        assert!(len <= 64 * 1024, "{file} is {len} bytes");
+    }
+    assert!(!dir.join("output.log.2").exists());
+    // `logs` shows what is kept: the newest lines, in order, to the last one.
+    let out = root.kiln(&["logs", name]);
+    let kept = text(&out.stdout);
+    let kept: Vec<&str> = kept.lines().collect();
+    assert!(
+        kept.len() > 1000 && kept.len() < 4000,
+        "{} lines kept",
+        kept.len()
+    );
+    assert!(kept
+        .iter()
+        .rev()
+        .zip(expected.iter().rev())
+        .all(|(a, b)| a == b));
+    let out = root.kiln(&["logs", "-n", "2", name]);
+    assert_eq!(
+        text(&out.stdout),
+        format!("{}\n{}\n", expected[3998], expected[3999])
+    );
+    let out = root.kiln(&["create", "--log-max-size", "lots", "kiln/default"]);
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("--log-max-size"),
+        "{}",
+        describe(&out)
+    );
+    let out = root.kiln(&["rm", name]);
+    assert!(out.status.success(), "{}", describe(&out));
+}
+
+#[test]
 fn attach_shows_the_serial_console() {
     require_prerequisites!();
     let root = shared();

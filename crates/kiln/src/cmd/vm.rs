@@ -11,6 +11,7 @@ use clap::Args;
 use kiln_engine::backend::{choose_backend, BackendChoice, NetworkMode};
 use kiln_engine::client::{Session, SessionEnd};
 use kiln_engine::control::{parse_output_log, LogRecord};
+use kiln_engine::logfile::{reopen_if_rotated, rotated_path};
 use kiln_engine::state::{VmRecord, VmStatus};
 use kiln_engine::vm::{CreateOptions, Engine, VmPaths};
 use kiln_image::{ProgressMode, PullOptions};
@@ -75,6 +76,10 @@ pub struct CreateArgs {
     /// on the console, see `kiln logs --console`).
     #[arg(long = "kernel-args", value_name = "ARGS", default_value = "")]
     kernel_args: String,
+    /// Size at which the console and output logs rotate: each keeps its current file and
+    /// the one before, so a chatty VM takes at most about twice this per log (0: no cap).
+    #[arg(long = "log-max-size", value_name = "SIZE", default_value = "16M")]
+    log_max_size: String,
     /// Registries to reach over plain HTTP when pulling.
     #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
     insecure_registries: Vec<String>,
@@ -367,6 +372,8 @@ fn create_options(args: &CreateArgs) -> anyhow::Result<CreateOptions> {
         tty: args.tty,
         window,
         kernel_args: args.kernel_args.clone(),
+        log_max_size: parse_size(&args.log_max_size)
+            .map_err(|e| anyhow::anyhow!("--log-max-size: {e}"))?,
         pull: PullOptions {
             insecure_registries: args.insecure_registries.clone(),
             progress: ProgressMode::Auto,
@@ -879,15 +886,22 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<u8> {
     } else {
         paths.output.clone()
     };
-    let mut file = match std::fs::File::open(&path) {
-        Ok(f) => Some(f),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+    let open = |path: &std::path::Path| match std::fs::File::open(path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("opening {}", path.display())),
     };
+    // The log's previous part, if it has rotated, comes first. (Read before the current
+    // file is opened: a rotation in between shows the moved part twice rather than losing it.)
+    let mut earlier = Vec::new();
+    if let Some(mut f) = open(&rotated_path(&path))? {
+        f.read_to_end(&mut earlier)?;
+    }
+    let mut file = open(&path)?;
     let stdout = std::io::stdout();
     let mut pending: Vec<u8> = Vec::new();
     if let (Some(lines), Some(f)) = (args.tail, file.as_mut()) {
-        let mut all = Vec::new();
+        let mut all = std::mem::take(&mut earlier);
         f.read_to_end(&mut all)?;
         if args.console {
             let (_, at) = tail_start(&[&all], lines);
@@ -911,6 +925,13 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<u8> {
                 printer.print(LogRecord { data, ..*record });
             }
             pending.extend_from_slice(&all[used..]);
+        }
+    }
+    if !earlier.is_empty() {
+        if args.console {
+            stdout.lock().write_all(&earlier)?;
+        } else {
+            parse_output_log(&earlier, |r| printer.print(r));
         }
     }
     let mut buf = vec![0u8; 64 * 1024];
@@ -939,6 +960,22 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<u8> {
             break;
         }
         if !progressed {
+            if let Some(new) = file.as_ref().and_then(|f| reopen_if_rotated(f, &path)) {
+                // The supervisor moved our file aside: what it wrote there before the move
+                // is read first, then the new file.
+                if let Some(mut old) = file.replace(new) {
+                    let mut rest = Vec::new();
+                    old.read_to_end(&mut rest)?;
+                    if args.console {
+                        stdout.lock().write_all(&rest)?;
+                    } else {
+                        pending.extend_from_slice(&rest);
+                        let used = parse_output_log(&pending, |r| printer.print(r));
+                        pending.drain(..used);
+                    }
+                }
+                continue;
+            }
             let fresh = engine.get(&record.id);
             let running = fresh.as_ref().is_ok_and(|r| r.status.is_active());
             if !running {
