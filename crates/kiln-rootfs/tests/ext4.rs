@@ -5,66 +5,14 @@ mod common;
 use common::*;
 use kiln_rootfs::{fs_usage, FsImageBuilder, MkfsExt4, Rootfs, TreeUsage, BLOCK_SIZE};
 
-const CAP_NET_RAW: &[u8] = &[
-    0x01, 0x00, 0x00, 0x02, 0x00, 0x20, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-    0x00, 0x00, 0x00, 0x00,
-];
-
 #[test]
 fn image_keeps_everything_the_layers_said() {
     if !is_root() {
         return;
     }
     let tmp = TempDir::new("ext4-meta");
-    let long_target = "/usr/lib/x86_64-linux-gnu/some/really/long/path/to/a/library.so.1.2.3";
-    let l0 = Layer::new()
-        .entry(b"./", Kind::Dir, 0o751, 0, 0, &[])
-        .entry(b"bin/", Kind::Dir, 0o755, 0, 0, &[])
-        .entry(
-            b"bin/ping",
-            Kind::File(b"ping!"),
-            0o4755,
-            0,
-            0,
-            &[("security.capability", CAP_NET_RAW)],
-        )
-        .entry(b"bin/ping2", Kind::Hardlink(b"bin/ping"), 0, 0, 0, &[])
-        .entry(b"bin/sh", Kind::Symlink(b"busybox"), 0o777, 0, 0, &[])
-        .entry(
-            b"lib",
-            Kind::Symlink(long_target.as_bytes()),
-            0o777,
-            0,
-            0,
-            &[],
-        )
-        .entry(
-            b"home/user/",
-            Kind::Dir,
-            0o700,
-            1000,
-            1001,
-            &[("user.note", b"hello")],
-        )
-        .entry(
-            b"home/user/notes",
-            Kind::File(b"user data\n"),
-            0o600,
-            1000,
-            1001,
-            &[],
-        )
-        .entry(b"dev/null", Kind::Char(1, 3), 0o666, 0, 0, &[])
-        .entry(b"dev/vda", Kind::Block(254, 0), 0o660, 0, 6, &[])
-        .entry(b"run/initctl", Kind::Fifo, 0o600, 0, 0, &[])
-        .entry(b"tmp/", Kind::Dir, 0o1777, 0, 0, &[])
-        .entry(b"etc/gone", Kind::File(b"old"), 0o644, 0, 0, &[])
-        .tar();
-    let l1 = Layer::new()
-        .marker("etc/.wh.gone")
-        .file("etc/hostname", "kiln\n")
-        .tar();
-    let layers = write_layers(tmp.path(), vec![(l0, Compress::Gzip), (l1, Compress::Zstd)]);
+    let long_target = LONG_SYMLINK_TARGET;
+    let layers = rich_layers(tmp.path());
     let tree = tmp.join("tree");
     Rootfs::unpack(&layers, &tree).expect("unpack");
 
@@ -141,6 +89,11 @@ fn image_keeps_everything_the_layers_said() {
 
     assert_eq!(ls(&image, "/etc"), vec!["hostname"]);
     assert_eq!(
+        ls(&image, "/var/cache"),
+        vec!["b"],
+        "the opaque directory hides the lower layer's entries"
+    );
+    assert_eq!(
         ls(&image, "/"),
         vec![
             "bin",
@@ -150,7 +103,8 @@ fn image_keeps_everything_the_layers_said() {
             "lib",
             "lost+found",
             "run",
-            "tmp"
+            "tmp",
+            "var"
         ]
     );
 }

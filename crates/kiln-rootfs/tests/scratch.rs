@@ -7,13 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use common::*;
-use kiln_rootfs::{DiskCache, FsImageBuilder, LayerSource, MkfsExt4};
+use kiln_rootfs::{DiskCache, FsImageBuilder, MkfsExt4};
 
 const DIGEST: &str = "sha256:5e2bf57d3f40c4b6df69daf1936cb766f832374b4fc0259a7cbff06e2f70f269";
-const CAP_NET_RAW: &[u8] = &[
-    0x01, 0x00, 0x00, 0x02, 0x00, 0x20, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-    0x00, 0x00, 0x00, 0x00,
-];
 
 /// Records which tree each build read, then builds for real.
 struct Recording {
@@ -50,62 +46,6 @@ fn only_source(sources: &Mutex<Vec<PathBuf>>) -> PathBuf {
     let sources = sources.lock().expect("lock");
     assert_eq!(sources.len(), 1, "{sources:?}");
     sources[0].clone()
-}
-
-/// Everything a layer can say about an entry: modes, owners, xattrs (`security.*` and
-/// `user.*`), hard links, device nodes, FIFOs, long and short symlinks, whiteouts.
-fn rich_layers(dir: &Path) -> Vec<LayerSource> {
-    let long_target = "/usr/lib/x86_64-linux-gnu/some/really/long/path/to/a/library.so.1.2.3";
-    let l0 = Layer::new()
-        .entry(b"./", Kind::Dir, 0o751, 0, 0, &[])
-        .entry(
-            b"bin/ping",
-            Kind::File(b"ping!"),
-            0o4755,
-            0,
-            0,
-            &[("security.capability", CAP_NET_RAW)],
-        )
-        .entry(b"bin/ping2", Kind::Hardlink(b"bin/ping"), 0, 0, 0, &[])
-        .entry(b"bin/sh", Kind::Symlink(b"busybox"), 0o777, 0, 0, &[])
-        .entry(
-            b"lib",
-            Kind::Symlink(long_target.as_bytes()),
-            0o777,
-            0,
-            0,
-            &[],
-        )
-        .entry(
-            b"home/user/",
-            Kind::Dir,
-            0o700,
-            1000,
-            1001,
-            &[("user.note", b"hello")],
-        )
-        .entry(
-            b"home/user/notes",
-            Kind::File(b"user data\n"),
-            0o600,
-            1000,
-            1001,
-            &[("user.tag", b"x")],
-        )
-        .entry(b"dev/null", Kind::Char(1, 3), 0o666, 0, 0, &[])
-        .entry(b"dev/vda", Kind::Block(254, 0), 0o660, 0, 6, &[])
-        .entry(b"run/initctl", Kind::Fifo, 0o600, 0, 0, &[])
-        .entry(b"tmp/", Kind::Dir, 0o1777, 0, 0, &[])
-        .entry(b"etc/gone", Kind::File(b"old"), 0o644, 0, 0, &[])
-        .entry(b"var/cache/a", Kind::File(b"a"), 0o644, 0, 0, &[])
-        .tar();
-    let l1 = Layer::new()
-        .marker("etc/.wh.gone")
-        .marker("var/cache/.wh..wh..opq")
-        .file("var/cache/b", "b")
-        .file("etc/hostname", "kiln\n")
-        .tar();
-    write_layers(dir, vec![(l0, Compress::Gzip), (l1, Compress::Zstd)])
 }
 
 const PATHS: &[&str] = &[

@@ -378,3 +378,69 @@ pub fn host_ls(dir: &Path) -> Vec<String> {
     names.sort();
     names
 }
+
+/// `security.capability` granting CAP_NET_RAW, as `setcap cap_net_raw+ep` writes it.
+pub const CAP_NET_RAW: &[u8] = &[
+    0x01, 0x00, 0x00, 0x02, 0x00, 0x20, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x00, 0x00, 0x00,
+];
+
+/// A symlink target too long to live in the inode (a "slow" symlink in ext4).
+pub const LONG_SYMLINK_TARGET: &str =
+    "/usr/lib/x86_64-linux-gnu/some/really/long/path/to/a/library.so.1.2.3";
+
+/// Everything a layer can say about an entry: modes, owners, xattrs (`security.*` and
+/// `user.*`), hard links, device nodes, FIFOs, long and short symlinks, whiteouts.
+pub fn rich_layers(dir: &Path) -> Vec<LayerSource> {
+    let long_target = LONG_SYMLINK_TARGET;
+    let l0 = Layer::new()
+        .entry(b"./", Kind::Dir, 0o751, 0, 0, &[])
+        .entry(
+            b"bin/ping",
+            Kind::File(b"ping!"),
+            0o4755,
+            0,
+            0,
+            &[("security.capability", CAP_NET_RAW)],
+        )
+        .entry(b"bin/ping2", Kind::Hardlink(b"bin/ping"), 0, 0, 0, &[])
+        .entry(b"bin/sh", Kind::Symlink(b"busybox"), 0o777, 0, 0, &[])
+        .entry(
+            b"lib",
+            Kind::Symlink(long_target.as_bytes()),
+            0o777,
+            0,
+            0,
+            &[],
+        )
+        .entry(
+            b"home/user/",
+            Kind::Dir,
+            0o700,
+            1000,
+            1001,
+            &[("user.note", b"hello")],
+        )
+        .entry(
+            b"home/user/notes",
+            Kind::File(b"user data\n"),
+            0o600,
+            1000,
+            1001,
+            &[("user.tag", b"x")],
+        )
+        .entry(b"dev/null", Kind::Char(1, 3), 0o666, 0, 0, &[])
+        .entry(b"dev/vda", Kind::Block(254, 0), 0o660, 0, 6, &[])
+        .entry(b"run/initctl", Kind::Fifo, 0o600, 0, 0, &[])
+        .entry(b"tmp/", Kind::Dir, 0o1777, 0, 0, &[])
+        .entry(b"etc/gone", Kind::File(b"old"), 0o644, 0, 0, &[])
+        .entry(b"var/cache/a", Kind::File(b"a"), 0o644, 0, 0, &[])
+        .tar();
+    let l1 = Layer::new()
+        .marker("etc/.wh.gone")
+        .marker("var/cache/.wh..wh..opq")
+        .file("var/cache/b", "b")
+        .file("etc/hostname", "kiln\n")
+        .tar();
+    write_layers(dir, vec![(l0, Compress::Gzip), (l1, Compress::Zstd)])
+}
