@@ -614,8 +614,9 @@ fn base64_encode(data: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(data)
 }
 
-/// A pull process killed after its first layer finished: the next pull does not download
-/// that layer again.
+/// A pull process killed after its first layer finished and in the middle of its second:
+/// the next pull does not download the first layer again, and asks only for the rest of the
+/// second with a range request.
 #[test]
 fn killed_pull_resumes() {
     let registry = Registry::start();
@@ -628,7 +629,15 @@ fn killed_pull_resumes() {
         .build()
         .expect("image");
     registry.push("killme", "latest", &image);
-    let proxy = common::slow_proxy(&registry.addr);
+    // About 800 kB/s: the kill lands in the middle of the big layer.
+    let proxy = common::Proxy::start(
+        &registry.addr,
+        common::ProxyOptions {
+            throttle: Some(std::time::Duration::from_millis(20)),
+            ..common::ProxyOptions::default()
+        },
+    )
+    .addr;
     let (dir, store) = store();
     let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
         .args([
@@ -646,10 +655,11 @@ fn killed_pull_resumes() {
     let small = &image.layers[0].blob.digest;
     let big = &image.layers[1].blob.digest;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !store.has_blob(small) {
+    // Killed once the small layer is stored and 4 of the big one's 6 MiB are recorded.
+    while !store.has_blob(small) || common::partial_synced(&store, big) < 4 << 20 {
         assert!(
             std::time::Instant::now() < deadline,
-            "the first layer never arrived"
+            "the first layer and part of the second never arrived"
         );
         assert!(
             child.try_wait().expect("child status").is_none(),
@@ -664,9 +674,13 @@ fn killed_pull_resumes() {
         "the big layer must still be in flight"
     );
     assert!(store.list().expect("list").is_empty());
+    let kept = common::partial_synced(&store, big);
+    let size = image.layers[1].blob.data.len() as u64;
+    assert!(kept >= 4 << 20 && kept < size, "{kept} of {size}");
 
+    let counter = common::Proxy::start(&registry.addr, common::ProxyOptions::default());
     let record = store
-        .pull(&registry.reference("killme"), &quiet())
+        .pull(&format!("{}/killme:latest", counter.addr), &quiet())
         .expect("pull after the kill");
     assert_eq!(record.manifest_digest, image.manifest.digest);
     assert_eq!(
@@ -674,6 +688,20 @@ fn killed_pull_resumes() {
         1,
         "small layer fetched once"
     );
+    assert_eq!(
+        counter.blob_ranges(big),
+        [Some(format!("bytes={kept}-"))],
+        "the big layer resumed where the killed pull stopped"
+    );
+    let served = counter.served();
+    eprintln!("big layer {size} bytes, killed at {kept}: the second pull transferred {served}");
+    assert!(served < size - kept + (64 << 10), "{served} bytes");
+    assert_eq!(
+        file_digest(&store.blob_path(big).expect("path")),
+        *big,
+        "the resumed blob verifies"
+    );
+    assert!(common::partial_files(&store).is_empty());
     assert!(store.prune().is_ok());
     assert!(blob_files(&store).iter().all(|f| !f.starts_with('.')));
 }

@@ -434,3 +434,220 @@ pub fn run_child_test(name: &str, docker_config: &Path, bin: &Path, env: &[(&str
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// What a [`Proxy`] does to the traffic between kiln and the registry.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyOptions {
+    /// Sleep this long after each 16 KiB sent to the client (a slow link).
+    pub throttle: Option<Duration>,
+    /// Drop a connection once it has sent this many response bytes (a network drop).
+    pub cut_after: Option<u64>,
+    /// Remove `Range` headers from requests (a registry that ignores ranges: it answers 200).
+    pub strip_range: bool,
+    /// Answer requests for a range that does not start at 0 with `416` itself.
+    pub refuse_ranges: bool,
+}
+
+/// One request the proxy forwarded: its request line and its `Range` header.
+#[derive(Debug, Clone)]
+pub struct ProxiedRequest {
+    /// `GET /v2/... HTTP/1.1`.
+    pub line: String,
+    /// The `Range` header's value as kiln sent it (before any stripping).
+    pub range: Option<String>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    served: std::sync::atomic::AtomicU64,
+    requests: std::sync::Mutex<Vec<ProxiedRequest>>,
+}
+
+/// A TCP proxy to a registry (std threads) that counts the bytes it serves, logs the requests
+/// with their `Range` headers and can slow down, cut, or un-range the traffic. Runs until the
+/// process ends.
+pub struct Proxy {
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    state: std::sync::Arc<ProxyState>,
+}
+
+impl Proxy {
+    /// Starts a proxy to `upstream`.
+    pub fn start(upstream: &str, options: ProxyOptions) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy port");
+        let addr = listener.local_addr().expect("proxy addr").to_string();
+        let state = std::sync::Arc::new(ProxyState::default());
+        let upstream = upstream.to_string();
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let (state, opts) = (shared.clone(), options.clone());
+                let (Ok(c_read), Ok(s_write), Ok(c_reply)) =
+                    (client.try_clone(), server.try_clone(), client.try_clone())
+                else {
+                    continue;
+                };
+                std::thread::spawn(move || {
+                    forward_requests(c_read, s_write, c_reply, &state, &opts)
+                });
+                let (state, opts) = (shared.clone(), options.clone());
+                std::thread::spawn(move || forward_responses(server, client, &state, &opts));
+            }
+        });
+        Proxy { addr, state }
+    }
+
+    /// Response bytes (headers included) served to kiln so far.
+    pub fn served(&self) -> u64 {
+        self.state.served.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Every request forwarded (or refused) so far.
+    pub fn requests(&self) -> Vec<ProxiedRequest> {
+        self.state.requests.lock().expect("proxy log").clone()
+    }
+
+    /// The `Range` headers of the GETs of one blob, in order (`None`: no range).
+    pub fn blob_ranges(&self, digest: &str) -> Vec<Option<String>> {
+        let needle = format!("/blobs/{digest} ");
+        self.requests()
+            .into_iter()
+            .filter(|r| r.line.starts_with("GET ") && r.line.contains(&needle))
+            .map(|r| r.range)
+            .collect()
+    }
+}
+
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+/// Client → registry: request heads one by one (pulls send no bodies), logged and edited.
+fn forward_requests(
+    mut client: TcpStream,
+    mut server: TcpStream,
+    mut reply: TcpStream,
+    state: &ProxyState,
+    options: &ProxyOptions,
+) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        while let Some(end) = find_head_end(&buf) {
+            let head: Vec<u8> = buf.drain(..end).collect();
+            let text = String::from_utf8_lossy(&head).into_owned();
+            let mut lines = text.split("\r\n");
+            let line = lines.next().unwrap_or_default().to_string();
+            let mut range = None;
+            let mut kept = vec![line.clone()];
+            for l in lines {
+                match l.split_once(':') {
+                    Some((name, value)) if name.eq_ignore_ascii_case("range") => {
+                        range = Some(value.trim().to_string());
+                        if !options.strip_range {
+                            kept.push(l.to_string());
+                        }
+                    }
+                    _ => kept.push(l.to_string()),
+                }
+            }
+            let refuse = options.refuse_ranges
+                && range.as_deref().is_some_and(|r| !r.starts_with("bytes=0-"));
+            state
+                .requests
+                .lock()
+                .expect("proxy log")
+                .push(ProxiedRequest { line, range });
+            if refuse {
+                let _ = reply.write_all(
+                    b"HTTP/1.1 416 Range Not Satisfiable\r\nContent-Length: 0\r\n\
+                      Connection: close\r\n\r\n",
+                );
+                let _ = reply.shutdown(std::net::Shutdown::Both);
+                let _ = server.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            // `kept` ends with the two empty strings of the blank line.
+            if server.write_all(kept.join("\r\n").as_bytes()).is_err() {
+                return;
+            }
+        }
+        match client.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let _ = server.shutdown(std::net::Shutdown::Write);
+}
+
+/// Registry → client: counted, maybe throttled, maybe cut.
+fn forward_responses(
+    mut server: TcpStream,
+    mut client: TcpStream,
+    state: &ProxyState,
+    options: &ProxyOptions,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut sent = 0u64;
+    loop {
+        let n = match server.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let n = match options.cut_after {
+            Some(cut) => n.min(usize::try_from(cut.saturating_sub(sent)).unwrap_or(n)),
+            None => n,
+        };
+        if client.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        sent += n as u64;
+        state
+            .served
+            .fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+        if options.cut_after.is_some_and(|cut| sent >= cut) {
+            let _ = server.shutdown(std::net::Shutdown::Both);
+            let _ = client.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        if let Some(pause) = options.throttle {
+            std::thread::sleep(pause);
+        }
+    }
+    let _ = client.shutdown(std::net::Shutdown::Write);
+}
+
+/// The length a partial download of `digest` has on record (`images/partial/<hex>.json`),
+/// 0 if there is none.
+pub fn partial_synced(store: &kiln_image::Store, digest: &str) -> u64 {
+    let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+    let path = partial_dir(store).join(format!("{hex}.json"));
+    std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.get("synced").and_then(serde_json::Value::as_u64))
+        .unwrap_or(0)
+}
+
+/// `images/partial` of a store.
+pub fn partial_dir(store: &kiln_image::Store) -> PathBuf {
+    store.kiln_root().join("images").join("partial")
+}
+
+/// Names of the files in `images/partial`.
+pub fn partial_files(store: &kiln_image::Store) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(partial_dir(store))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
