@@ -798,20 +798,40 @@ pub fn ps(args: PsArgs) -> anyhow::Result<u8> {
 /// Writes `output.log` records to the user's stdout and stderr, with `--timestamps` and
 /// `--since` applied line by line.
 struct LogPrinter {
+    /// The console log is plain bytes, not records.
+    console: bool,
     timestamps: bool,
     since_ns: Option<u64>,
     /// Per stream (stdout, stderr): whether the next byte starts a line.
     at_line_start: [bool; 2],
+    /// The start of a record not yet whole.
+    pending: Vec<u8>,
 }
 
 impl LogPrinter {
     fn new(args: &LogsArgs) -> anyhow::Result<LogPrinter> {
         let since_ns = args.since.as_deref().map(parse_since).transpose()?;
         Ok(LogPrinter {
+            console: args.console,
             timestamps: args.timestamps,
             since_ns,
             at_line_start: [true, true],
+            pending: Vec::new(),
         })
+    }
+
+    /// Prints the next bytes read from the log: every whole record in them (with what was
+    /// pending before), or, for the console, the bytes themselves.
+    fn feed(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if self.console {
+            return std::io::stdout().lock().write_all(bytes);
+        }
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.extend_from_slice(bytes);
+        let used = parse_output_log(&pending, |r| self.print(r));
+        pending.drain(..used);
+        self.pending = pending;
+        Ok(())
     }
 
     /// Whether `--since` keeps this record (records without a time are kept).
@@ -898,16 +918,14 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<u8> {
         f.read_to_end(&mut earlier)?;
     }
     let mut file = open(&path)?;
-    let stdout = std::io::stdout();
-    let mut pending: Vec<u8> = Vec::new();
     if let (Some(lines), Some(f)) = (args.tail, file.as_mut()) {
         let mut all = std::mem::take(&mut earlier);
         f.read_to_end(&mut all)?;
         if args.console {
             let (_, at) = tail_start(&[&all], lines);
-            stdout.lock().write_all(&all[at..])?;
+            printer.feed(&all[at..])?;
         } else {
-            // Whole records only; a record still being written is picked up by -f below.
+            // Whole records only; a record still being written is picked up below.
             let mut records = Vec::new();
             let used = parse_output_log(&all, |r| {
                 if printer.wanted(&r) {
@@ -924,15 +942,13 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<u8> {
                 };
                 printer.print(LogRecord { data, ..*record });
             }
-            pending.extend_from_slice(&all[used..]);
+            printer.feed(&all[used..])?;
         }
-    }
-    if !earlier.is_empty() {
-        if args.console {
-            stdout.lock().write_all(&earlier)?;
-        } else {
-            parse_output_log(&earlier, |r| printer.print(r));
-        }
+    } else {
+        printer.feed(&earlier)?;
+        // Each part holds whole records; a fragment at the end of the earlier one (a
+        // supervisor killed mid-write) must not run into the current part.
+        printer.pending.clear();
     }
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -944,56 +960,39 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<u8> {
                     break;
                 }
                 progressed = true;
-                if args.console {
-                    stdout.lock().write_all(&buf[..n])?;
-                } else {
-                    pending.extend_from_slice(&buf[..n]);
-                    let used = parse_output_log(&pending, |r| printer.print(r));
-                    pending.drain(..used);
-                }
+                printer.feed(&buf[..n])?;
             }
-            stdout.lock().flush()?;
+            std::io::stdout().lock().flush()?;
         } else if args.follow {
-            file = std::fs::File::open(&path).ok();
+            file = open(&path).ok().flatten();
         }
         if !args.follow {
             break;
         }
-        if !progressed {
-            if let Some(new) = file.as_ref().and_then(|f| reopen_if_rotated(f, &path)) {
-                // The supervisor moved our file aside: what it wrote there before the move
-                // is read first, then the new file.
-                if let Some(mut old) = file.replace(new) {
-                    let mut rest = Vec::new();
-                    old.read_to_end(&mut rest)?;
-                    if args.console {
-                        stdout.lock().write_all(&rest)?;
-                    } else {
-                        pending.extend_from_slice(&rest);
-                        let used = parse_output_log(&pending, |r| printer.print(r));
-                        pending.drain(..used);
-                    }
-                }
-                continue;
-            }
-            let fresh = engine.get(&record.id);
-            let running = fresh.as_ref().is_ok_and(|r| r.status.is_active());
-            if !running {
-                // One last read for output written just before the end.
-                if let Some(f) = file.as_mut() {
-                    let mut rest = Vec::new();
-                    f.read_to_end(&mut rest)?;
-                    if args.console {
-                        stdout.lock().write_all(&rest)?;
-                    } else {
-                        pending.extend_from_slice(&rest);
-                        parse_output_log(&pending, |r| printer.print(r));
-                    }
-                }
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        if progressed {
+            continue;
         }
+        if let Some(new) = file.as_ref().and_then(|f| reopen_if_rotated(f, &path)) {
+            // The supervisor moved our file aside: what it wrote there before the move is
+            // read first (the loop above), then the new file.
+            let mut rest = Vec::new();
+            if let Some(mut old) = file.replace(new) {
+                old.read_to_end(&mut rest)?;
+            }
+            printer.feed(&rest)?;
+            continue;
+        }
+        let fresh = engine.get(&record.id);
+        if !fresh.as_ref().is_ok_and(|r| r.status.is_active()) {
+            // One last read for output written just before the end.
+            let mut rest = Vec::new();
+            if let Some(f) = file.as_mut() {
+                f.read_to_end(&mut rest)?;
+            }
+            printer.feed(&rest)?;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
     Ok(0)
 }
