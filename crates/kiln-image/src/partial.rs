@@ -15,8 +15,8 @@
 //! over if not.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::MetadataExt;
+use std::io::Write;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -151,15 +151,19 @@ impl Partial {
         if trusted < on_disk {
             self.file.set_len(trusted).at(&self.path)?;
         }
+        // Read through the locked descriptor (pread: appends are unaffected).
         self.hasher = Hasher::default();
-        let mut reader = File::open(&self.path).at(&self.path)?.take(trusted);
         let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = reader.read(&mut buf).at(&self.path)?;
+        while self.hasher.len() < trusted {
+            let want = usize::try_from(trusted - self.hasher.len())
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
+            let chunk = buf.get_mut(..want).unwrap_or_default();
+            let n = self.file.read_at(chunk, self.hasher.len()).at(&self.path)?;
             if n == 0 {
                 break;
             }
-            self.hasher.update(buf.get(..n).unwrap_or_default());
+            self.hasher.update(chunk.get(..n).unwrap_or_default());
         }
         if self.hasher.len() != trusted {
             return Err(Error::io(

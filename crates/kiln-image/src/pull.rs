@@ -436,9 +436,16 @@ enum Stop {
     Range(Error),
     /// The content cannot be the blob (more bytes than its size): it is discarded.
     Corrupt(Error),
+    /// The connection broke in the middle of the body: reconnect and resume from there.
+    Dropped(Error),
     /// Anything else (network, auth, a missing blob): what arrived stays for the next pull.
     Fail(Error),
 }
+
+/// Reconnections in a row that brought no new byte before a download gives up (a link that
+/// delivers anything at all keeps being resumed; a dead one fails the pull, whose partial
+/// file the next pull resumes).
+const MAX_STALLED_RECONNECTS: u32 = 3;
 
 /// Whether a registry's error answer to a range request may be about the range itself
 /// (416, or another 4xx that is not about auth, a missing blob or rate limits), so that
@@ -520,6 +527,7 @@ async fn fetch_blob(
     .await?;
     bar.started(desc.size, offset);
     let mut retried = false;
+    let mut stalled = 0u32;
     loop {
         let fetched = if offset < desc.size || desc.size == 0 {
             fetch(client, image, desc, &mut partial, offset, bar, ctx).await
@@ -547,6 +555,29 @@ async fn fetch_blob(
                 }
                 partial.discard()?;
                 return Err(e);
+            }
+            Err(Stop::Dropped(e)) => {
+                // A flaky link: what arrived is kept and recorded, and the rest asked for
+                // with a range, after a pause that grows while no byte gets through.
+                save(&mut partial, digest).await;
+                stalled = if partial.written() > offset {
+                    0
+                } else {
+                    stalled + 1
+                };
+                if stalled >= MAX_STALLED_RECONNECTS {
+                    return Err(e);
+                }
+                let pause = Duration::from_millis(500 << stalled);
+                tracing::warn!(
+                    "{e}; resuming at byte {} in {} ms",
+                    partial.written(),
+                    pause.as_millis()
+                );
+                bar.note("connection lost, resuming");
+                tokio::time::sleep(pause).await;
+                offset = partial.written();
+                continue;
             }
             Err(Stop::Range(e) | Stop::Fail(e)) => {
                 save(&mut partial, digest).await;
@@ -680,7 +711,7 @@ async fn fetch(
                     // with our wording (the final check fails the same way).
                     break;
                 }
-                return Err(Stop::Fail(Error::Registry {
+                return Err(Stop::Dropped(Error::Registry {
                     registry: ctx.registry.clone(),
                     message: format!(
                         "downloading blob {digest} failed after {} bytes: {}",

@@ -440,8 +440,11 @@ pub fn run_child_test(name: &str, docker_config: &Path, bin: &Path, env: &[(&str
 pub struct ProxyOptions {
     /// Sleep this long after each 16 KiB sent to the client (a slow link).
     pub throttle: Option<Duration>,
-    /// Drop a connection once it has sent this many response bytes (a network drop).
+    /// Drop a connection once it has sent this many response bytes (a flaky link).
     pub cut_after: Option<u64>,
+    /// At the first cut, drop every open connection and refuse all later ones (the link is
+    /// gone), so the pull fails rather than reconnects.
+    pub down_after_cut: bool,
     /// Remove `Range` headers from requests (a registry that ignores ranges: it answers 200).
     pub strip_range: bool,
     /// Answer requests for a range that does not start at 0 with `416` itself.
@@ -461,6 +464,17 @@ pub struct ProxiedRequest {
 struct ProxyState {
     served: std::sync::atomic::AtomicU64,
     requests: std::sync::Mutex<Vec<ProxiedRequest>>,
+    down: std::sync::atomic::AtomicBool,
+    clients: std::sync::Mutex<Vec<TcpStream>>,
+}
+
+impl ProxyState {
+    fn go_down(&self) {
+        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        for c in self.clients.lock().expect("proxy clients").iter() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
 }
 
 /// A TCP proxy to a registry (std threads) that counts the bytes it serves, logs the requests
@@ -483,9 +497,15 @@ impl Proxy {
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
+                if shared.down.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
                 let Ok(server) = TcpStream::connect(&upstream) else {
                     continue;
                 };
+                if let Ok(c) = client.try_clone() {
+                    shared.clients.lock().expect("proxy clients").push(c);
+                }
                 let (state, opts) = (shared.clone(), options.clone());
                 let (Ok(c_read), Ok(s_write), Ok(c_reply)) =
                     (client.try_clone(), server.try_clone(), client.try_clone())
@@ -613,6 +633,9 @@ fn forward_responses(
         if options.cut_after.is_some_and(|cut| sent >= cut) {
             let _ = server.shutdown(std::net::Shutdown::Both);
             let _ = client.shutdown(std::net::Shutdown::Both);
+            if options.down_after_cut {
+                state.go_down();
+            }
             return;
         }
         if let Some(pause) = options.throttle {
