@@ -421,6 +421,32 @@ mod tests {
     }
 
     #[test]
+    fn a_record_of_another_blob_or_size_is_not_trusted() {
+        let (_dir, partial, blobs) = dirs();
+        let data = b"0123456789";
+        let digest = sha256_digest(data);
+        let mut p = Partial::lock(&partial, &blobs, &digest, 10, false)
+            .expect("lock")
+            .expect("free");
+        p.write_all(data).expect("write");
+        checkpoint(&mut p);
+        drop(p);
+        // Complete on disk (killed before the rename): resumes at the end, then verifies.
+        let mut p = Partial::lock(&partial, &blobs, &digest, 10, false)
+            .expect("lock")
+            .expect("free");
+        assert_eq!(p.resume().expect("resume"), 10);
+        drop(p);
+        // A descriptor with another size for the same digest: nothing is trusted.
+        let mut p = Partial::lock(&partial, &blobs, &digest, 11, false)
+            .expect("lock")
+            .expect("free");
+        assert_eq!(p.resume().expect("resume"), 0);
+        assert_eq!(p.written(), 0);
+        p.discard().expect("discard");
+    }
+
+    #[test]
     fn one_writer_at_a_time_and_prune_skips_held_files() {
         let (_dir, partial, blobs) = dirs();
         let digest = sha256_digest(b"abc");

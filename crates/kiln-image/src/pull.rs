@@ -219,8 +219,10 @@ impl Ctx {
 impl Store {
     /// Pulls `reference` from its registry into the store and records it.
     ///
-    /// Blobs already in the store are not downloaded again, so re-running an interrupted pull
-    /// only fetches what is missing. Every blob is verified against its digest before it is
+    /// Blobs already in the store are not downloaded again, and a blob an interrupted pull
+    /// had begun is resumed from where it stopped with a range request (the
+    /// `partial/` files in the [crate docs](crate)), so re-running an interrupted pull only fetches what is missing.
+    /// A connection that breaks in the middle of a blob is resumed within the same pull. Every blob is verified against its digest before it is
     /// stored; the reference is recorded only when all blobs are present. The default image
     /// name ([`crate::DEFAULT_IMAGE`] or [`crate::DEFAULT_IMAGE_ALIAS`]) is built locally.
     pub fn pull(&self, reference: &str, options: &PullOptions) -> Result<ImageRecord> {

@@ -6,8 +6,10 @@
 //! all of it, the kernel drops `flock`s of killed processes so there is no stale lock to
 //! recover, readers never need a lock (rename is atomic, so they see the old or the new file,
 //! never a torn one), and it spares the build a bundled C library. Blobs are immutable files
-//! named by digest, so concurrent pulls of the same blob simply race to rename identical,
-//! verified content into place.
+//! named by digest. A pull downloads a blob into `partial/<hex>` under an exclusive `flock`
+//! on that file, so concurrent pulls of one blob download it once (the others wait and find
+//! it stored), and an interrupted pull leaves a prefix the next one resumes; imports write
+//! blobs through temp files and race harmlessly to rename identical, verified content.
 //!
 //! Garbage collection is made safe by `gc.lock`: every writer (pull, import, tag, default
 //! image) and every [`Lease`] holds it shared from before it writes its first blob until after
@@ -126,7 +128,8 @@ pub fn list_to_json(records: &[ImageRecord]) -> Result<String> {
 /// What `prune` removed.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PruneReport {
-    /// Digests (or temp file names) removed.
+    /// Digests (or temp file names) removed; stale partial downloads as
+    /// `partial sha256:<hex>`.
     pub removed: Vec<String>,
     /// Bytes freed.
     pub bytes: u64,
