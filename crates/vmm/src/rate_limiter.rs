@@ -3,6 +3,7 @@
 //! does not fit stops taking requests and is woken by a timerfd when enough tokens have come
 //! back — never by spinning.
 
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::timerfd::TimerFd;
@@ -79,6 +80,24 @@ impl TokenBucket {
     }
 }
 
+/// A timerfd whose reads never block. The event loop can still hold a readiness event for a
+/// timer that was re-armed or disarmed since (setting a timer resets its expiry count), and a
+/// blocking read would then stall every device on the loop until the new expiry, or forever.
+pub fn nonblocking_timer() -> Result<TimerFd, vmm_sys_util::errno::Error> {
+    let timer = TimerFd::new()?;
+    let fd = timer.as_raw_fd();
+    // SAFETY: F_GETFL only reads the status flags of a descriptor we own.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(vmm_sys_util::errno::Error::last());
+    }
+    // SAFETY: F_SETFL only changes the status flags of a descriptor we own.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(vmm_sys_util::errno::Error::last());
+    }
+    Ok(timer)
+}
+
 /// Why a rate limiter could not be set up.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot create the rate limiter's timer: {0}")]
@@ -98,7 +117,7 @@ impl RateLimiter {
         let mut limiter = RateLimiter {
             bandwidth: None,
             ops: None,
-            timer: TimerFd::new()?,
+            timer: nonblocking_timer()?,
             blocked: false,
         };
         if let Some(config) = config {
@@ -164,7 +183,8 @@ impl RateLimiter {
         true
     }
 
-    /// The timer fired: the device may try again.
+    /// The timer fired: the device may try again. (A stale event, for a timer re-armed or
+    /// disarmed since, finds nothing to read and returns at once.)
     pub fn on_timer(&mut self) {
         let _ = self.timer.wait();
         self.blocked = false;
@@ -181,6 +201,40 @@ mod tests {
             one_time_burst: burst,
             refill_time: refill_ms,
         }
+    }
+
+    #[test]
+    fn a_stale_timer_event_after_the_limiter_is_removed_does_not_block() {
+        let mut limiter = RateLimiter::new(Some(&RateLimiterConfig {
+            bandwidth: Some(bucket(1000, None, 20)),
+            ops: None,
+        }))
+        .expect("limiter");
+        assert!(
+            limiter.consume(5000),
+            "a full bucket lets one request through"
+        );
+        assert!(
+            !limiter.consume(1000),
+            "then the device waits for the timer"
+        );
+        // The timer expires, and before the event loop gets to it the limiter is removed
+        // (PATCH), which disarms the timer: the loop then handles a stale event.
+        std::thread::sleep(Duration::from_millis(200));
+        limiter.update(&RateLimiterConfig {
+            bandwidth: Some(bucket(0, None, 0)),
+            ops: None,
+        });
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            limiter.on_timer();
+            let _ = done.send(limiter.consume(1 << 20));
+        });
+        assert_eq!(
+            finished.recv_timeout(Duration::from_secs(5)),
+            Ok(true),
+            "on_timer returned at once and the device runs unlimited"
+        );
     }
 
     #[test]

@@ -125,7 +125,7 @@ impl Net {
             handler_rx: VecDeque::new(),
             tap_readable: true,
             handler: None,
-            handler_timer: vmm_sys_util::timerfd::TimerFd::new()
+            handler_timer: crate::rate_limiter::nonblocking_timer()
                 .map_err(|e| NetError::EventFd(std::io::Error::from_raw_os_error(e.errno())))?,
             metrics,
         })
