@@ -438,7 +438,8 @@ enum Stop {
     Range(Error),
     /// The content cannot be the blob (more bytes than its size): it is discarded.
     Corrupt(Error),
-    /// The connection broke in the middle of the body: reconnect and resume from there.
+    /// The connection broke in the middle of the body, or the request got no answer:
+    /// reconnect and resume from where the file ends.
     Dropped(Error),
     /// Anything else (network, auth, a missing blob): what arrived stays for the next pull.
     Fail(Error),
@@ -680,8 +681,17 @@ async fn fetch(
             }
             Err(e) => {
                 let range = offset > 0 && refused_range(&e);
+                // No answer at all (refused, reset, timed out): a blip on the link, retried
+                // like a broken-off body.
+                let transport = matches!(e, OciDistributionError::RequestError(_));
                 let e = ctx.map(e, Target::Blob(digest));
-                return Err(if range { Stop::Range(e) } else { Stop::Fail(e) });
+                return Err(if range {
+                    Stop::Range(e)
+                } else if transport {
+                    Stop::Dropped(e)
+                } else {
+                    Stop::Fail(e)
+                });
             }
         }
     } else {

@@ -378,3 +378,46 @@ fn flaky_link_is_resumed_within_one_pull() {
         partial_files(&store)
     );
 }
+
+#[test]
+fn a_short_outage_is_ridden_out() {
+    let registry = Registry::start();
+    let image = image_with_big_layer(35, 2 << 20);
+    registry.push("outage", "latest", &image);
+    let big = &image.layers[1].blob;
+    let (_dir, store) = store();
+    // After 1 MiB the link goes away for 1.2 s: every connection drops, new ones are
+    // refused; the pull keeps trying (0.5, 1, 2 s apart) and resumes when it is back.
+    let proxy = Proxy::start(
+        &registry.addr,
+        ProxyOptions {
+            cut_after: Some(1 << 20),
+            down_after_cut: true,
+            outage: Some(std::time::Duration::from_millis(1200)),
+            ..ProxyOptions::default()
+        },
+    );
+    let record = store
+        .pull(&format!("{}/outage:latest", proxy.addr), &quiet())
+        .expect("pull across an outage");
+    assert_eq!(record.manifest_digest, image.manifest.digest);
+    assert_eq!(
+        file_digest(&store.blob_path(&big.digest).expect("path")),
+        big.digest
+    );
+    let ranges = proxy.blob_ranges(&big.digest);
+    eprintln!("requests for the big layer: {ranges:?}");
+    assert_eq!(ranges.first(), Some(&Some("bytes=0-".to_string())));
+    assert!(
+        ranges
+            .last()
+            .and_then(|r| r.as_deref())
+            .is_some_and(|r| r != "bytes=0-"),
+        "resumed after the outage: {ranges:?}"
+    );
+    assert!(
+        partial_files(&store).is_empty(),
+        "{:?}",
+        partial_files(&store)
+    );
+}

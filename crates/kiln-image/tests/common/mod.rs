@@ -445,6 +445,8 @@ pub struct ProxyOptions {
     /// At the first cut, drop every open connection and refuse all later ones (the link is
     /// gone), so the pull fails rather than reconnects.
     pub down_after_cut: bool,
+    /// With `down_after_cut`: back up after this long (a short outage), once.
+    pub outage: Option<Duration>,
     /// Remove `Range` headers from requests (a registry that ignores ranges: it answers 200).
     pub strip_range: bool,
     /// Answer requests for a range that does not start at 0 with `416` itself.
@@ -465,11 +467,32 @@ struct ProxyState {
     served: std::sync::atomic::AtomicU64,
     requests: std::sync::Mutex<Vec<ProxiedRequest>>,
     down: std::sync::atomic::AtomicBool,
+    /// When a temporary outage ends.
+    up_at: std::sync::Mutex<Option<Instant>>,
+    /// An outage happened already (cuts stop after it).
+    recovered: std::sync::atomic::AtomicBool,
     clients: std::sync::Mutex<Vec<TcpStream>>,
 }
 
 impl ProxyState {
-    fn go_down(&self) {
+    /// Whether new connections are refused right now.
+    fn is_down(&self) -> bool {
+        if !self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return false;
+        }
+        let mut up_at = self.up_at.lock().expect("proxy outage");
+        if up_at.is_some_and(|t| Instant::now() >= t) {
+            *up_at = None;
+            self.recovered
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            self.down.store(false, std::sync::atomic::Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    fn go_down(&self, outage: Option<Duration>) {
+        *self.up_at.lock().expect("proxy outage") = outage.map(|d| Instant::now() + d);
         self.down.store(true, std::sync::atomic::Ordering::SeqCst);
         for c in self.clients.lock().expect("proxy clients").iter() {
             let _ = c.shutdown(std::net::Shutdown::Both);
@@ -497,7 +520,7 @@ impl Proxy {
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
-                if shared.down.load(std::sync::atomic::Ordering::SeqCst) {
+                if shared.is_down() {
                     continue; // dropped: closed at once
                 }
                 let Ok(server) = TcpStream::connect(&upstream) else {
@@ -619,7 +642,10 @@ fn forward_responses(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let n = match options.cut_after {
+        // Cuts stop once a temporary outage is over.
+        let cutting =
+            !(options.down_after_cut && state.recovered.load(std::sync::atomic::Ordering::SeqCst));
+        let n = match options.cut_after.filter(|_| cutting) {
             Some(cut) => n.min(usize::try_from(cut.saturating_sub(sent)).unwrap_or(n)),
             None => n,
         };
@@ -630,11 +656,11 @@ fn forward_responses(
         state
             .served
             .fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
-        if options.cut_after.is_some_and(|cut| sent >= cut) {
+        if cutting && options.cut_after.is_some_and(|cut| sent >= cut) {
             let _ = server.shutdown(std::net::Shutdown::Both);
             let _ = client.shutdown(std::net::Shutdown::Both);
             if options.down_after_cut {
-                state.go_down();
+                state.go_down(options.outage);
             }
             return;
         }
