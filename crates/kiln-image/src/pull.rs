@@ -569,7 +569,23 @@ async fn fetch_blob(
                     stalled + 1
                 };
                 if stalled >= MAX_STALLED_RECONNECTS {
-                    return Err(e);
+                    if partial.written() == 0 {
+                        return Err(e);
+                    }
+                    let cause = match e {
+                        Error::Registry { message, .. } => message,
+                        Error::Unreachable { reason, .. } => reason,
+                        other => other.to_string(),
+                    };
+                    return Err(Error::Registry {
+                        registry: ctx.registry.clone(),
+                        message: format!(
+                            "downloading blob {digest} stopped after {} of {} bytes (kept: \
+                             pulling again resumes there): {cause}",
+                            partial.written(),
+                            desc.size
+                        ),
+                    });
                 }
                 let pause = Duration::from_millis(500 << stalled);
                 tracing::warn!(
