@@ -411,11 +411,23 @@ pub fn run(command: ImageCommand) -> anyhow::Result<()> {
         }
         ImageCommand::Prune => {
             let report = open_store()?.prune()?;
-            println!(
-                "removed {} blobs, freed {}",
-                report.removed.len(),
-                kiln_image::human_size(report.bytes)
-            );
+            let partial = report
+                .removed
+                .iter()
+                .filter(|name| name.starts_with("partial "))
+                .count();
+            let blobs = report.removed.len() - partial;
+            if partial > 0 {
+                println!(
+                    "removed {blobs} blobs and {partial} stale partial downloads, freed {}",
+                    kiln_image::human_size(report.bytes)
+                );
+            } else {
+                println!(
+                    "removed {blobs} blobs, freed {}",
+                    kiln_image::human_size(report.bytes)
+                );
+            }
         }
         ImageCommand::Disk {
             reference,
