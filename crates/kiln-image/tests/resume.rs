@@ -56,6 +56,18 @@ fn interrupted_pull(registry: &Registry, repo: &str, store: &Store, big: &str, c
     synced
 }
 
+/// The blob is in the store and its content has its digest.
+fn assert_blob_stored(store: &Store, digest: &str) {
+    let path = store.blob_path(digest).expect("stored blob");
+    assert_eq!(file_digest(&path), digest, "the stored blob verifies");
+}
+
+/// No partial download is left behind.
+fn assert_no_partial_files(store: &Store) {
+    let left = partial_files(store);
+    assert!(left.is_empty(), "partial files left: {left:?}");
+}
+
 /// The access-log lines of a blob's GETs ("... 206 <bytes> ...").
 fn blob_log(registry: &Registry, repo: &str, digest: &str) -> Vec<String> {
     let needle = format!("\"GET /v2/{repo}/blobs/{digest} ");
@@ -123,11 +135,7 @@ fn dropped_connection_resumes_with_a_range() {
         log.last().is_some_and(|l| l.contains("\" 206 ")),
         "{log:#?}"
     );
-    assert!(
-        partial_files(&store).is_empty(),
-        "{:?}",
-        partial_files(&store)
-    );
+    assert_no_partial_files(&store);
     assert!(blob_files(&store).iter().all(|f| !f.starts_with('.')));
 }
 
@@ -154,10 +162,7 @@ fn corrupt_partial_is_fetched_again_from_zero() {
         .pull(&format!("{}/flip:latest", counter.addr), &quiet())
         .expect("pull after a corrupt partial file");
     assert_eq!(record.manifest_digest, image.manifest.digest);
-    assert_eq!(
-        file_digest(&store.blob_path(&big.digest).expect("path")),
-        big.digest
-    );
+    assert_blob_stored(&store, &big.digest);
     assert_eq!(
         counter.blob_ranges(&big.digest),
         [
@@ -166,11 +171,7 @@ fn corrupt_partial_is_fetched_again_from_zero() {
         ],
         "resumed, found corrupt at the end, fetched whole once"
     );
-    assert!(
-        partial_files(&store).is_empty(),
-        "{:?}",
-        partial_files(&store)
-    );
+    assert_no_partial_files(&store);
 }
 
 #[test]
@@ -194,10 +195,7 @@ fn registry_ignoring_the_range_still_yields_the_blob() {
         .pull(&format!("{}/norange:latest", stripper.addr), &quiet())
         .expect("pull from a registry that ignores ranges");
     assert_eq!(record.manifest_digest, image.manifest.digest);
-    assert_eq!(
-        file_digest(&store.blob_path(&big.digest).expect("path")),
-        big.digest
-    );
+    assert_blob_stored(&store, &big.digest);
     assert_eq!(
         stripper.blob_ranges(&big.digest),
         [Some(format!("bytes={synced}-"))],
@@ -209,11 +207,7 @@ fn registry_ignoring_the_range_still_yields_the_blob() {
         "answered whole: {log:#?}"
     );
     assert!(stripper.served() >= size);
-    assert!(
-        partial_files(&store).is_empty(),
-        "{:?}",
-        partial_files(&store)
-    );
+    assert_no_partial_files(&store);
 }
 
 #[test]
@@ -236,10 +230,7 @@ fn refused_range_starts_over_once() {
         .pull(&format!("{}/refuse:latest", refuser.addr), &quiet())
         .expect("pull after a 416");
     assert_eq!(record.manifest_digest, image.manifest.digest);
-    assert_eq!(
-        file_digest(&store.blob_path(&big.digest).expect("path")),
-        big.digest
-    );
+    assert_blob_stored(&store, &big.digest);
     assert_eq!(
         refuser.blob_ranges(&big.digest),
         [
@@ -247,11 +238,7 @@ fn refused_range_starts_over_once() {
             Some("bytes=0-".to_string())
         ]
     );
-    assert!(
-        partial_files(&store).is_empty(),
-        "{:?}",
-        partial_files(&store)
-    );
+    assert_no_partial_files(&store);
 }
 
 #[test]
@@ -289,11 +276,7 @@ fn prune_removes_only_stale_partial_files() {
         report.removed
     );
     assert!(report.bytes >= synced);
-    assert!(
-        partial_files(&store).is_empty(),
-        "{:?}",
-        partial_files(&store)
-    );
+    assert_no_partial_files(&store);
 
     // And the next pull simply starts from 0.
     let record = store
@@ -328,17 +311,10 @@ fn concurrent_pulls_share_one_download_per_blob() {
         let record = t.join().expect("thread").expect("concurrent pull");
         assert_eq!(record.manifest_digest, image.manifest.digest);
     }
-    assert_eq!(
-        file_digest(&store.blob_path(&big.digest).expect("path")),
-        big.digest
-    );
+    assert_blob_stored(&store, &big.digest);
     // One writer per partial file: the others waited for it and found the blob stored.
     assert_eq!(slow.blob_ranges(&big.digest).len(), 1);
-    assert!(
-        partial_files(&store).is_empty(),
-        "{:?}",
-        partial_files(&store)
-    );
+    assert_no_partial_files(&store);
 }
 
 #[test]
@@ -361,10 +337,7 @@ fn flaky_link_is_resumed_within_one_pull() {
         .pull(&format!("{}/flaky:latest", flaky.addr), &quiet())
         .expect("pull over a flaky link");
     assert_eq!(record.manifest_digest, image.manifest.digest);
-    assert_eq!(
-        file_digest(&store.blob_path(&big.digest).expect("path")),
-        big.digest
-    );
+    assert_blob_stored(&store, &big.digest);
     let offsets: Vec<u64> = flaky
         .blob_ranges(&big.digest)
         .into_iter()
@@ -392,11 +365,7 @@ fn flaky_link_is_resumed_within_one_pull() {
         "nothing sent twice: {} of {total}",
         flaky.served()
     );
-    assert!(
-        partial_files(&store).is_empty(),
-        "{:?}",
-        partial_files(&store)
-    );
+    assert_no_partial_files(&store);
 }
 
 #[test]
@@ -421,10 +390,7 @@ fn a_short_outage_is_ridden_out() {
         .pull(&format!("{}/outage:latest", proxy.addr), &quiet())
         .expect("pull across an outage");
     assert_eq!(record.manifest_digest, image.manifest.digest);
-    assert_eq!(
-        file_digest(&store.blob_path(&big.digest).expect("path")),
-        big.digest
-    );
+    assert_blob_stored(&store, &big.digest);
     let ranges = proxy.blob_ranges(&big.digest);
     eprintln!("requests for the big layer: {ranges:?}");
     assert_eq!(ranges.first(), Some(&Some("bytes=0-".to_string())));
@@ -435,9 +401,5 @@ fn a_short_outage_is_ridden_out() {
             .is_some_and(|r| r != "bytes=0-"),
         "resumed after the outage: {ranges:?}"
     );
-    assert!(
-        partial_files(&store).is_empty(),
-        "{:?}",
-        partial_files(&store)
-    );
+    assert_no_partial_files(&store);
 }
