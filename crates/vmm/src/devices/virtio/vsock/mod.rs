@@ -84,6 +84,12 @@ pub struct Vsock {
     /// Control packets waiting for a guest RX buffer.
     control: VecDeque<Header>,
     next_local_port: u32,
+    /// Host sockets of connections a driver reset cut off. `reset` runs on a vCPU thread,
+    /// without the event loop's `EventOps`: closing a watched socket there would leave its
+    /// descriptor number registered with the event manager, and a later connection that
+    /// reuses the number could then never be watched (the manager refuses it as already
+    /// registered). They are unwatched and closed on the loop's next pass.
+    orphans: Vec<UnixStream>,
     metrics: Arc<VsockMetrics>,
 }
 
@@ -113,6 +119,7 @@ impl Vsock {
             handshakes: HashMap::new(),
             control: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
+            orphans: Vec::new(),
             metrics,
         })
     }
@@ -151,6 +158,13 @@ impl Vsock {
             let fd = conn.stream.as_raw_fd();
             self.by_fd.remove(&fd);
             Self::unwatch(ops, fd);
+        }
+    }
+
+    /// Unwatches and closes the sockets of connections a reset cut off.
+    fn release_orphans(&mut self, ops: &mut EventOps) {
+        for stream in self.orphans.drain(..) {
+            Self::unwatch(ops, stream.as_raw_fd());
         }
     }
 
@@ -388,9 +402,9 @@ impl Vsock {
             return;
         }
         let path = format!("{}_{}", self.uds_path.display(), header.dst_port);
-        let stream = match UnixStream::connect(&path) {
-            Ok(stream) if stream.set_nonblocking(true).is_ok() => stream,
-            _ => {
+        let stream = match connect_nonblocking(Path::new(&path)) {
+            Ok(stream) => stream,
+            Err(_) => {
                 tracing::debug!("vsock: guest connect to {path} refused");
                 let rst = self.rst(key.0, key.1);
                 self.control.push_back(rst);
@@ -602,6 +616,52 @@ impl Vsock {
     }
 }
 
+/// Connects to a host Unix socket without ever waiting: a blocking connect() to a listener
+/// whose backlog is full (a host service that stopped accepting) sleeps until it accepts,
+/// and on the event loop that would stall every device. A full backlog fails with EAGAIN
+/// instead, and the guest gets RST as for a missing listener.
+fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+
+    // SAFETY: an all-zero sockaddr_un is valid.
+    let mut address: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    address.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    // One byte stays zero: the path must be NUL-terminated.
+    if bytes.len() >= address.sun_path.len() || bytes.contains(&0) {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    for (dst, src) in address.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: socket() takes no pointers; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a socket we just created and own alone.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `address` is a valid sockaddr_un and the length passed is its size.
+    let result = unsafe {
+        libc::connect(
+            socket.as_raw_fd(),
+            &address as *const libc::sockaddr_un as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if result < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(UnixStream::from(socket))
+}
+
 /// Reads a header and its payload from a TX chain; `None` if the packet is malformed.
 fn read_packet(reader: &mut virtio_queue::Reader<'_>) -> Option<(Header, Vec<u8>)> {
     let mut bytes = [0u8; HDR_SIZE];
@@ -675,12 +735,13 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) {
         self.active = None;
         self.acked_features = 0;
-        // The guest's sockets are gone; so are ours.
+        // The guest's sockets are gone; so are ours, once the event loop has unwatched them.
         self.control.clear();
-        for (_, conn) in self.conns.drain() {
-            drop(conn);
-        }
+        self.orphans
+            .extend(self.conns.drain().map(|(_, conn)| conn.stream));
         self.by_fd.clear();
+        // Wake the loop so the host sides see the close now, not at the next event.
+        let _ = self.queue_events[RX].write(1);
     }
 }
 
@@ -697,6 +758,7 @@ impl MutEventSubscriber for Vsock {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
+        self.release_orphans(ops);
         let fd = events.fd();
         if let Some(i) = self.queue_events.iter().position(|e| e.as_raw_fd() == fd) {
             let _ = self.queue_events[i].read();
@@ -714,5 +776,166 @@ impl MutEventSubscriber for Vsock {
         }
         self.reset_stale_closing(ops);
         self.process_rx(ops);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    use event_manager::{EventManager, SubscriberOps};
+
+    use super::*;
+
+    const GUEST_CID: u64 = 3;
+
+    /// A fresh directory for one test's sockets.
+    fn scratch_dir(name: &str) -> PathBuf {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "kiln-vsock-{name}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        dir
+    }
+
+    fn request(src_port: u32, dst_port: u32) -> Header {
+        Header {
+            src_cid: GUEST_CID,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            type_: TYPE_STREAM,
+            op: op::REQUEST,
+            buf_alloc: 65536,
+            ..Default::default()
+        }
+    }
+
+    /// Runs the event loop until `done` holds (or a few seconds pass).
+    fn run_until(
+        manager: &mut EventManager<Arc<Mutex<Vsock>>>,
+        vsock: &Arc<Mutex<Vsock>>,
+        done: impl Fn(&Vsock) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if done(&vsock.lock().expect("vsock")) {
+                return true;
+            }
+            manager.run_with_timeout(20).expect("event loop");
+        }
+        done(&vsock.lock().expect("vsock"))
+    }
+
+    fn connect_host_clients(path: &Path, n: usize) -> Vec<UnixStream> {
+        (0..n)
+            .map(|_| {
+                let mut client = UnixStream::connect(path).expect("connect to the vsock socket");
+                client.write_all(b"CONNECT 52\n").expect("CONNECT");
+                client
+            })
+            .collect()
+    }
+
+    #[test]
+    fn host_connections_after_a_guest_reset_are_still_watched() {
+        let dir = scratch_dir("reset");
+        let path = dir.join("v.sock");
+        let vsock = Arc::new(Mutex::new(
+            Vsock::new(GUEST_CID, &path, Arc::default()).expect("vsock"),
+        ));
+        let mut manager = EventManager::<Arc<Mutex<Vsock>>>::new().expect("event manager");
+        manager.add_subscriber(vsock.clone());
+
+        const N: usize = 8;
+        let old = connect_host_clients(&path, N);
+        assert!(
+            run_until(&mut manager, &vsock, |v| v.conns.len() == N),
+            "the first connections are set up"
+        );
+        // The driver resets the device while those connections are open (the vCPU thread
+        // calls reset through the transport). Their sockets are closed, and the descriptor
+        // numbers come free for the next connections.
+        vsock.lock().expect("vsock").reset();
+        assert!(
+            run_until(&mut manager, &vsock, |v| v.orphans.is_empty()),
+            "the reset wakes the event loop, which lets go of the old sockets"
+        );
+        for mut client in old {
+            client
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .expect("timeout");
+            let mut byte = [0u8; 1];
+            assert_eq!(
+                client.read(&mut byte).expect("EOF, not a timeout"),
+                0,
+                "a connection the reset cut off is closed on the host side"
+            );
+        }
+
+        let _new = connect_host_clients(&path, N);
+        assert!(
+            run_until(&mut manager, &vsock, |v| v.conns.len() == N),
+            "every new connection is watched and set up (got {})",
+            vsock.lock().expect("vsock").conns.len()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Calls `guest_connect` for the given guest ports from inside the event manager, where
+    /// an `EventOps` exists, and reports the control packets it queued.
+    struct GuestConnects {
+        vsock: Vsock,
+        src_ports: Vec<u32>,
+        done: std::sync::mpsc::Sender<Vec<Header>>,
+    }
+
+    impl MutEventSubscriber for GuestConnects {
+        fn init(&mut self, ops: &mut EventOps) {
+            for &src_port in &self.src_ports {
+                self.vsock.guest_connect(request(src_port, 52), ops);
+            }
+            let _ = self.done.send(self.vsock.control.iter().copied().collect());
+        }
+
+        fn process(&mut self, _events: Events, _ops: &mut EventOps) {}
+    }
+
+    #[test]
+    fn a_guest_connecting_to_a_host_listener_that_does_not_accept_does_not_block() {
+        let dir = scratch_dir("connect");
+        let path = dir.join("v.sock");
+        let listener = UnixListener::bind(format!("{}_52", path.display())).expect("host listener");
+        // A host service that has stopped accepting: a backlog of 0 holds one pending
+        // connection, and a blocking connect() after that waits for accept() forever.
+        // SAFETY: listen() on a socket we own; it only changes the backlog.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let vsock = Vsock::new(GUEST_CID, &path, Arc::default()).expect("vsock");
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut manager = EventManager::<GuestConnects>::new().expect("event manager");
+            manager.add_subscriber(GuestConnects {
+                vsock,
+                src_ports: vec![1000, 1001, 1002],
+                done,
+            });
+        });
+        let control = finished
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the event loop blocked in connect()");
+        assert_eq!(control.len(), 3);
+        assert_eq!(control[0].op, op::RESPONSE, "the first connect is accepted");
+        assert!(
+            control[1..].iter().all(|h| h.op == op::RST),
+            "the others are refused: {control:?}"
+        );
+        drop(listener);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
