@@ -127,6 +127,10 @@ impl RateLimiter {
     }
 
     /// Applies new limits (PATCH after boot); buckets that are given start full.
+    ///
+    /// A device waiting for the timer is released: its wait was computed from the old
+    /// buckets (a tiny old bucket's debt can mean days), and its next request is weighed
+    /// against the new ones, which arm the timer again if they still say wait.
     pub fn update(&mut self, config: &RateLimiterConfig) {
         if let Some(bandwidth) = &config.bandwidth {
             self.bandwidth = TokenBucket::new(bandwidth);
@@ -134,7 +138,7 @@ impl RateLimiter {
         if let Some(ops) = &config.ops {
             self.ops = TokenBucket::new(ops);
         }
-        if self.blocked && self.bandwidth.is_none() && self.ops.is_none() {
+        if self.blocked && (config.bandwidth.is_some() || config.ops.is_some()) {
             self.blocked = false;
             let _ = self.timer.clear();
         }
@@ -235,6 +239,34 @@ mod tests {
             Ok(true),
             "on_timer returned at once and the device runs unlimited"
         );
+    }
+
+    #[test]
+    fn raising_the_limit_releases_a_device_waiting_on_the_old_one() {
+        // 1 byte per second: one large request leaves a debt of about 11 days.
+        let mut limiter = RateLimiter::new(Some(&RateLimiterConfig {
+            bandwidth: Some(bucket(1, None, 1000)),
+            ops: None,
+        }))
+        .expect("limiter");
+        assert!(limiter.consume(1_000_000));
+        assert!(!limiter.consume(1), "the device waits for the old bucket");
+        // PATCH: a generous limit. Its bucket starts full, so the device runs now, not
+        // when the timer armed for the old debt fires.
+        limiter.update(&RateLimiterConfig {
+            bandwidth: Some(bucket(1 << 30, None, 100)),
+            ops: None,
+        });
+        assert!(limiter.consume(4096), "the new limit is in force at once");
+        // A limit that still says wait arms the timer again for its own wait.
+        limiter.update(&RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(bucket(1, None, 1000)),
+        });
+        assert!(limiter.consume(1));
+        assert!(!limiter.consume(1));
+        assert!(limiter.is_blocked());
+        assert!(limiter.timer().is_armed().expect("timer state"));
     }
 
     #[test]
