@@ -30,6 +30,11 @@ pub const QUEUE_SIZE: u16 = 256;
 const MAX_TX_DESCRIPTORS: usize = 64;
 /// Largest frame with its header: 64 KiB of TSO payload plus headers.
 pub const MAX_FRAME: usize = 65562;
+/// Most frame-handler answers held by the device. The handler bounds what it keeps (its ARP
+/// and reset queues, each connection's send window), but every answer moved out of it makes
+/// room for another: a guest that keeps asking and never posts RX buffers would otherwise
+/// grow this queue without end. The rest is taken when buffers come.
+const MAX_HANDLER_RX: usize = 64;
 
 const F_CSUM: u64 = 1 << 0;
 const F_GUEST_CSUM: u64 = 1 << 1;
@@ -92,8 +97,12 @@ pub struct Net {
     tx_limiter: RateLimiter,
     /// A frame read from the tap (with header) that no guest buffer has taken yet.
     rx_pending: Option<Vec<u8>>,
-    /// Frames from the frame handler waiting for guest buffers (without header).
+    /// Frames from the frame handler waiting for guest buffers (without header), at most
+    /// [`MAX_HANDLER_RX`].
     handler_rx: VecDeque<Vec<u8>>,
+    /// Frames were taken from the handler since its timer was last armed (taking a segment
+    /// can set a retransmission deadline).
+    handler_timer_stale: bool,
     tap_readable: bool,
     handler: Option<Arc<Mutex<dyn FrameHandler>>>,
     /// Wakes the event loop for the frame handler's timers.
@@ -123,6 +132,7 @@ impl Net {
             tx_limiter: RateLimiter::new(tx_rate_limiter)?,
             rx_pending: None,
             handler_rx: VecDeque::new(),
+            handler_timer_stale: false,
             tap_readable: true,
             handler: None,
             handler_timer: crate::rate_limiter::nonblocking_timer()
@@ -278,15 +288,37 @@ impl Net {
         self.collect_handler_frames();
     }
 
+    /// Takes the frame handler's answers for the RX side, up to [`MAX_HANDLER_RX`]; true if
+    /// it took any.
+    fn pull_handler_frames(&mut self) -> bool {
+        let Some(handler) = &self.handler else {
+            return false;
+        };
+        let mut handler = lock(handler);
+        let mut pulled = false;
+        while self.handler_rx.len() < MAX_HANDLER_RX {
+            let Some(frame) = handler.next_rx() else {
+                break;
+            };
+            self.handler_rx.push_back(frame);
+            pulled = true;
+        }
+        pulled
+    }
+
     /// Takes the frame handler's answers for the RX side and re-arms its timer.
     fn collect_handler_frames(&mut self) {
+        self.pull_handler_frames();
+        self.arm_handler_timer();
+    }
+
+    /// Arms the frame handler's timer for its next deadline.
+    fn arm_handler_timer(&mut self) {
+        self.handler_timer_stale = false;
         let Some(handler) = &self.handler else {
             return;
         };
-        let mut handler = lock(handler);
-        while let Some(frame) = handler.next_rx() {
-            self.handler_rx.push_back(frame);
-        }
+        let handler = lock(handler);
         match handler.next_timeout() {
             Some(at) => {
                 let wait = at
@@ -306,6 +338,10 @@ impl Net {
     fn next_rx_frame(&mut self) -> Option<Vec<u8>> {
         if let Some(frame) = self.rx_pending.take() {
             return Some(frame);
+        }
+        // Answers the handler still holds come once the ones taken are delivered.
+        if self.handler_rx.is_empty() && self.pull_handler_frames() {
+            self.handler_timer_stale = true;
         }
         if let Some(payload) = self.handler_rx.pop_front() {
             let mut frame = vec![0u8; VNET_HDR_SIZE];
@@ -401,6 +437,9 @@ impl Net {
                 return;
             }
             completed = true;
+        }
+        if self.handler_timer_stale {
+            self.arm_handler_timer();
         }
         if let Some(active) = self.active.as_mut() {
             if completed
@@ -566,5 +605,157 @@ impl MutEventSubscriber for Net {
         if !self.rx_limiter.is_blocked() {
             self.process_rx();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+
+    const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+    const GUEST_MAC: [u8; 6] = [0x06, 0, 0, 0, 0, 2];
+    const MMDS_IP: [u8; 4] = [169, 254, 169, 254];
+
+    /// Creates the persistent tap `name` in this thread's network namespace.
+    fn create_tap(name: &str) {
+        // SAFETY: open() of a NUL-terminated path; the result is checked.
+        let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        assert!(
+            fd >= 0,
+            "open /dev/net/tun: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: a descriptor we just opened and own alone.
+        let file = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut request = [0u8; 40];
+        request[..name.len()].copy_from_slice(name.as_bytes());
+        request[16..18].copy_from_slice(&(0x0002i16 | 0x1000).to_ne_bytes());
+        // SAFETY: TUNSETIFF reads a 40-byte ifreq, which `request` is.
+        let created = unsafe { libc::ioctl(file.as_raw_fd(), 0x4004_54ca, request.as_mut_ptr()) };
+        assert_eq!(created, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+        // SAFETY: TUNSETPERSIST takes its argument by value.
+        let persist = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) };
+        assert_eq!(
+            persist,
+            0,
+            "TUNSETPERSIST: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    struct Mmds(mmds::MmdsNetworkStack);
+
+    impl FrameHandler for Mmds {
+        fn handle_tx(&mut self, frame: &[u8]) -> bool {
+            self.0.handle_frame(frame)
+        }
+
+        fn next_rx(&mut self) -> Option<Vec<u8>> {
+            self.0.next_frame()
+        }
+    }
+
+    /// A virtio-net header and an ARP request "who has 169.254.169.254".
+    fn arp_request() -> Vec<u8> {
+        let mut frame = vec![0u8; VNET_HDR_SIZE];
+        frame.extend_from_slice(&[0xff; 6]);
+        frame.extend_from_slice(&GUEST_MAC);
+        frame.extend_from_slice(&0x0806u16.to_be_bytes());
+        frame.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+        frame.extend_from_slice(&GUEST_MAC);
+        frame.extend_from_slice(&[10, 0, 0, 2]);
+        frame.extend_from_slice(&[0; 6]);
+        frame.extend_from_slice(&MMDS_IP);
+        frame
+    }
+
+    /// A split queue of `size` entries laid out from `base` in `memory`.
+    fn queue_at(memory: &GuestMemoryMmap, base: u64, size: u16) -> Queue {
+        let mut queue = Queue::new(size).expect("queue");
+        queue.set_desc_table_address(Some(base as u32), Some(0));
+        queue.set_avail_ring_address(Some((base + 0x1000) as u32), Some(0));
+        queue.set_used_ring_address(Some((base + 0x2000) as u32), Some(0));
+        queue.set_ready(true);
+        assert!(queue.is_valid(memory));
+        queue
+    }
+
+    #[test]
+    fn a_guest_that_posts_no_rx_buffers_cannot_grow_the_metadata_backlog() {
+        // The tap lives in a network namespace of this thread's own.
+        let outcome = std::thread::spawn(|| {
+            // SAFETY: unshare() only changes this thread's namespaces.
+            let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(unshared, 0, "unshare: {}", std::io::Error::last_os_error());
+            create_tap("kilntest0");
+            let mut net = Net::new(
+                "eth0",
+                "kilntest0",
+                Some(GUEST_MAC),
+                None,
+                None,
+                Arc::default(),
+            )
+            .expect("net device");
+            let store = Arc::new(Mutex::new(mmds::Mmds::new(1 << 20).expect("mmds")));
+            net.set_frame_handler(Arc::new(Mutex::new(Mmds(mmds::MmdsNetworkStack::new(
+                mmds::DEFAULT_MAC,
+                std::net::Ipv4Addr::from(MMDS_IP),
+                store,
+            )))));
+
+            let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)])
+                .expect("guest memory");
+            // RX: a valid ring the guest never puts a buffer in. TX: one descriptor with the
+            // ARP request, offered again and again.
+            let rx = queue_at(&memory, 0x1_0000, QUEUE_SIZE);
+            let tx = queue_at(&memory, 0x2_0000, QUEUE_SIZE);
+            let frame = arp_request();
+            memory
+                .write_slice(&frame, GuestAddress(0x8_0000))
+                .expect("frame");
+            let mut descriptor = [0u8; 16];
+            descriptor[..8].copy_from_slice(&0x8_0000u64.to_le_bytes());
+            descriptor[8..12].copy_from_slice(&(frame.len() as u32).to_le_bytes());
+            memory
+                .write_slice(&descriptor, GuestAddress(0x2_0000))
+                .expect("descriptor");
+            let irq = EventFd::new(libc::EFD_NONBLOCK).expect("irqfd");
+            net.set_acked_features(VIRTIO_F_VERSION_1);
+            net.activate(
+                memory.clone(),
+                vec![rx, tx],
+                Arc::new(VirtioInterrupt::new(irq)),
+            )
+            .expect("activate");
+
+            // One request per doorbell: each is answered (the stack keeps one ARP reply at a
+            // time), and the answer has to wait for an RX buffer.
+            let mut avail_idx: u16 = 0;
+            for _ in 0..2000 {
+                let slot = 0x2_1004 + u64::from(avail_idx % QUEUE_SIZE) * 2;
+                memory.write_obj(0u16, GuestAddress(slot)).expect("ring");
+                avail_idx = avail_idx.wrapping_add(1);
+                memory
+                    .write_obj(avail_idx, GuestAddress(0x2_1002))
+                    .expect("avail idx");
+                net.process_tx();
+                net.process_rx();
+            }
+            let backlog = net.handler_rx.len();
+            // Clean up the tap (the namespace goes with the thread).
+            drop(net);
+            backlog
+        })
+        .join()
+        .expect("test thread");
+        assert!(
+            outcome <= 64,
+            "2000 ARP requests and no RX buffer left {outcome} answers queued in the VMM"
+        );
     }
 }
