@@ -39,6 +39,9 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const MAX_PKT_PAYLOAD: u32 = 64 * 1024;
 /// Most connections at once; more are refused with RST.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Most control packets waiting for guest RX buffers (a few per connection at most when the
+/// guest behaves).
+pub const MAX_CONTROL_PACKETS: usize = 4 * MAX_CONNECTIONS;
 /// First port handed out to host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
@@ -225,7 +228,7 @@ impl Vsock {
                 Self::watch(ops, fd);
                 self.by_fd.insert(fd, (local, port));
                 self.conns.insert((local, port), conn);
-                self.control.push_back(request);
+                push_control(&mut self.control, &self.metrics, request);
             }
             Err(reason) => {
                 tracing::debug!("vsock: dropping host connection: {reason}");
@@ -249,7 +252,7 @@ impl Vsock {
             let closed = matches!(conn.flush_to_host(), SocketEvent::Closed);
             if closed || !conn.has_data_for_host() {
                 let rst = self.rst(key.0, key.1);
-                self.control.push_back(rst);
+                push_control(&mut self.control, &self.metrics, rst);
                 self.remove_conn(key, ops);
             } else {
                 // Still draining: the timeout counts from the last progress.
@@ -264,7 +267,7 @@ impl Vsock {
             }
             if conn.needs_credit_update() {
                 let update = conn.header(self.cid, op::CREDIT_UPDATE, 0, 0);
-                self.control.push_back(update);
+                push_control(&mut self.control, &self.metrics, update);
             }
         }
     }
@@ -279,11 +282,11 @@ impl Vsock {
                 let shutdown = conn.header(self.cid, op::SHUTDOWN, 0, SHUTDOWN_RCV | SHUTDOWN_SEND);
                 conn.state = State::Closing(std::time::Instant::now());
                 conn.readable = false;
-                self.control.push_back(shutdown);
+                push_control(&mut self.control, &self.metrics, shutdown);
             }
             State::LocalInit | State::Closing(_) | State::Draining(_) => {
                 let rst = self.rst(key.0, key.1);
-                self.control.push_back(rst);
+                push_control(&mut self.control, &self.metrics, rst);
                 self.remove_conn(key, ops);
             }
         }
@@ -303,7 +306,7 @@ impl Vsock {
             .collect();
         for key in stale {
             let rst = self.rst(key.0, key.1);
-            self.control.push_back(rst);
+            push_control(&mut self.control, &self.metrics, rst);
             self.remove_conn(key, ops);
         }
     }
@@ -314,7 +317,7 @@ impl Vsock {
             self.metrics.inc_invalid();
             if header.op != op::RST {
                 let rst = self.rst(header.dst_port, header.src_port);
-                self.control.push_back(rst);
+                push_control(&mut self.control, &self.metrics, rst);
             }
             return;
         }
@@ -326,7 +329,7 @@ impl Vsock {
         let Some(conn) = self.conns.get_mut(&key) else {
             if header.op != op::RST {
                 let rst = self.rst(key.0, key.1);
-                self.control.push_back(rst);
+                push_control(&mut self.control, &self.metrics, rst);
             }
             return;
         };
@@ -345,7 +348,7 @@ impl Vsock {
                     tracing::debug!("vsock: guest overran its credit on port {}", key.0);
                     self.metrics.inc_invalid();
                     let rst = self.rst(key.0, key.1);
-                    self.control.push_back(rst);
+                    push_control(&mut self.control, &self.metrics, rst);
                     self.remove_conn(key, ops);
                     return;
                 }
@@ -356,12 +359,12 @@ impl Vsock {
                 }
                 if conn.needs_credit_update() {
                     let update = conn.header(self.cid, op::CREDIT_UPDATE, 0, 0);
-                    self.control.push_back(update);
+                    push_control(&mut self.control, &self.metrics, update);
                 }
             }
             (op::CREDIT_REQUEST, State::Established) => {
                 let update = conn.header(self.cid, op::CREDIT_UPDATE, 0, 0);
-                self.control.push_back(update);
+                push_control(&mut self.control, &self.metrics, update);
             }
             (op::CREDIT_UPDATE, _) => {}
             (op::SHUTDOWN, State::Established) => {
@@ -375,7 +378,7 @@ impl Vsock {
                         return;
                     }
                     let rst = self.rst(key.0, key.1);
-                    self.control.push_back(rst);
+                    push_control(&mut self.control, &self.metrics, rst);
                     self.remove_conn(key, ops);
                 } else if header.flags & SHUTDOWN_SEND != 0 {
                     conn.guest_shut_send();
@@ -387,7 +390,7 @@ impl Vsock {
             _ => {
                 self.metrics.inc_invalid();
                 let rst = self.rst(key.0, key.1);
-                self.control.push_back(rst);
+                push_control(&mut self.control, &self.metrics, rst);
                 self.remove_conn(key, ops);
             }
         }
@@ -398,7 +401,7 @@ impl Vsock {
         let key = (header.dst_port, header.src_port);
         if self.conns.contains_key(&key) || self.conns.len() >= MAX_CONNECTIONS {
             let rst = self.rst(key.0, key.1);
-            self.control.push_back(rst);
+            push_control(&mut self.control, &self.metrics, rst);
             return;
         }
         let path = format!("{}_{}", self.uds_path.display(), header.dst_port);
@@ -407,7 +410,7 @@ impl Vsock {
             Err(_) => {
                 tracing::debug!("vsock: guest connect to {path} refused");
                 let rst = self.rst(key.0, key.1);
-                self.control.push_back(rst);
+                push_control(&mut self.control, &self.metrics, rst);
                 return;
             }
         };
@@ -418,7 +421,7 @@ impl Vsock {
         Self::watch(ops, fd);
         self.by_fd.insert(fd, key);
         self.conns.insert(key, conn);
-        self.control.push_back(response);
+        push_control(&mut self.control, &self.metrics, response);
         self.metrics.inc_connection();
     }
 
@@ -660,6 +663,18 @@ fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(UnixStream::from(socket))
+}
+
+/// Queues a control packet for the guest, unless [`MAX_CONTROL_PACKETS`] are already waiting
+/// for RX buffers: a guest that keeps sending bad packets (each answered with RST) or credit
+/// requests and never posts RX buffers would otherwise grow the queue without end. Past the
+/// limit the guest is not reading its control packets anyway; they are dropped and counted.
+fn push_control(control: &mut VecDeque<Header>, metrics: &VsockMetrics, header: Header) {
+    if control.len() >= MAX_CONTROL_PACKETS {
+        metrics.inc_invalid();
+        return;
+    }
+    control.push_back(header);
 }
 
 /// Reads a header and its payload from a TX chain; `None` if the packet is malformed.
@@ -905,6 +920,93 @@ mod tests {
         }
 
         fn process(&mut self, _events: Events, _ops: &mut EventOps) {}
+    }
+
+    /// A split queue of `size` entries laid out from `base` in `memory`.
+    fn queue_at(memory: &GuestMemoryMmap, base: u64, size: u16) -> Queue {
+        let mut queue = Queue::new(size).expect("queue");
+        queue.set_desc_table_address(Some(base as u32), Some(0));
+        queue.set_avail_ring_address(Some((base + 0x1000) as u32), Some(0));
+        queue.set_used_ring_address(Some((base + 0x2000) as u32), Some(0));
+        queue.set_ready(true);
+        assert!(queue.is_valid(memory));
+        queue
+    }
+
+    type WithOpsFn = Box<dyn FnMut(&mut Vsock, &mut EventOps)>;
+
+    /// Runs `f` on the device from inside the event manager, where an `EventOps` exists.
+    struct WithOps {
+        vsock: Vsock,
+        f: WithOpsFn,
+    }
+
+    impl MutEventSubscriber for WithOps {
+        fn init(&mut self, ops: &mut EventOps) {
+            (self.f)(&mut self.vsock, ops);
+        }
+
+        fn process(&mut self, _events: Events, _ops: &mut EventOps) {}
+    }
+
+    #[test]
+    fn a_guest_that_posts_no_rx_buffers_cannot_grow_the_control_queue() {
+        use vm_memory::{Bytes, GuestAddress};
+
+        let dir = scratch_dir("control");
+        let mut vsock = Vsock::new(GUEST_CID, &dir.join("v.sock"), Arc::default()).expect("vsock");
+        let memory =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("guest memory");
+        // RX: a valid ring the guest never puts a buffer in. TX: one descriptor holding data
+        // for a connection that does not exist, which earns an RST each time it is sent.
+        let queues = vec![
+            queue_at(&memory, 0x1_0000, QUEUE_SIZE),
+            queue_at(&memory, 0x2_0000, QUEUE_SIZE),
+            queue_at(&memory, 0x3_0000, QUEUE_SIZE),
+        ];
+        let mut packet = request(1000, 52);
+        packet.op = op::RW;
+        memory
+            .write_slice(&packet.to_bytes(), GuestAddress(0x8_0000))
+            .expect("packet");
+        let mut descriptor = [0u8; 16];
+        descriptor[..8].copy_from_slice(&0x8_0000u64.to_le_bytes());
+        descriptor[8..12].copy_from_slice(&(HDR_SIZE as u32).to_le_bytes());
+        memory
+            .write_slice(&descriptor, GuestAddress(0x2_0000))
+            .expect("descriptor");
+        let irq = EventFd::new(libc::EFD_NONBLOCK).expect("irqfd");
+        vsock
+            .activate(memory.clone(), queues, Arc::new(VirtioInterrupt::new(irq)))
+            .expect("activate");
+
+        let (done, finished) = std::sync::mpsc::channel();
+        let mut manager = EventManager::<WithOps>::new().expect("event manager");
+        manager.add_subscriber(WithOps {
+            vsock,
+            f: Box::new(move |vsock, ops| {
+                let mut avail_idx: u16 = 0;
+                for _ in 0..40 {
+                    for _ in 0..QUEUE_SIZE {
+                        let slot = 0x2_1004 + u64::from(avail_idx % QUEUE_SIZE) * 2;
+                        memory.write_obj(0u16, GuestAddress(slot)).expect("ring");
+                        avail_idx = avail_idx.wrapping_add(1);
+                    }
+                    memory
+                        .write_obj(avail_idx, GuestAddress(0x2_1002))
+                        .expect("avail idx");
+                    vsock.process_tx(ops);
+                    vsock.process_rx(ops);
+                }
+                let _ = done.send(vsock.control.len());
+            }),
+        });
+        let queued = finished.recv().expect("result");
+        assert!(
+            queued <= MAX_CONTROL_PACKETS,
+            "10240 bad packets and no RX buffer left {queued} control packets queued"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
