@@ -60,8 +60,31 @@ enum SystemCommand {
     Prune,
 }
 
+/// Commands that only read state and print it: like other Unix tools they end quietly when
+/// the reader of their output goes away (`kiln ps | head`). Rust ignores SIGPIPE, which would
+/// turn that into a "failed printing to stdout" panic. Commands that talk to a supervisor or a
+/// registry keep ignoring it, so a vanished peer is an error they can report.
+fn only_prints(command: &Command) -> bool {
+    use cmd::image::ImageCommand;
+    use cmd::kernel::KernelCommand;
+    matches!(
+        command,
+        Command::Ps(_)
+            | Command::Inspect(_)
+            | Command::Logs(_)
+            | Command::Image(ImageCommand::Ls { .. } | ImageCommand::Inspect { .. })
+            | Command::Kernel(KernelCommand::Ls { .. } | KernelCommand::Inspect { .. })
+    )
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if only_prints(&cli.command) {
+        // SAFETY: restores the default disposition of SIGPIPE before any other thread runs.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     if matches!(cli.command, Command::Supervise(_)) {
         let _ = tracing_subscriber::fmt()
             .with_writer(std::io::stderr)

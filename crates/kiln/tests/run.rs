@@ -13,7 +13,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::{Mutex, OnceLock};
@@ -907,6 +907,43 @@ fn logs_rotate_at_their_cap_and_a_follower_reads_across_rotations() {
     );
     let out = root.kiln(&["rm", name]);
     assert!(out.status.success(), "{}", describe(&out));
+}
+
+#[test]
+fn listing_commands_end_quietly_when_their_reader_goes_away() {
+    // No guest needed: an empty kiln root still prints headers and JSON.
+    let root = Root::new("kiln-run", "sigpipe");
+    for args in [
+        &["ps", "-a"][..],
+        &["ps", "--format", "json"],
+        &["image", "ls"],
+        &["kernel", "ls"],
+    ] {
+        // A pipe whose read end is already closed: the first write fails.
+        let mut fds = [0; 2];
+        // SAFETY: pipe fills in two new descriptors.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe");
+        // SAFETY: both descriptors are new and ours; each is owned exactly once.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        drop(read);
+        let out = root
+            .command(args)
+            .stdout(Stdio::from(write))
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run kiln");
+        let stderr = text(&out.stderr);
+        assert!(
+            !stderr.contains("panicked"),
+            "kiln {args:?} panicked on a closed pipe: {stderr}"
+        );
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "kiln {args:?} ends as other tools do: {:?} {stderr}",
+            out.status
+        );
+    }
 }
 
 #[test]
