@@ -562,6 +562,12 @@ impl Vsock {
                 let max = (room - HDR_SIZE)
                     .min(conn.peer_credit() as usize)
                     .min(MAX_PKT_PAYLOAD as usize);
+                if max == 0 {
+                    // A buffer with room for a header only: a read of 0 bytes would return 0,
+                    // which means "closed". The buffer stays for the next control packet.
+                    queue.go_to_previous_position();
+                    break;
+                }
                 match conn.read_from_host(max) {
                     Ok(Some(data)) => {
                         conn.sent_to_guest(data.len() as u32);
@@ -1005,6 +1011,65 @@ mod tests {
         assert!(
             queued <= MAX_CONTROL_PACKETS,
             "10240 bad packets and no RX buffer left {queued} control packets queued"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_rx_buffer_with_room_for_only_a_header_does_not_close_a_connection() {
+        use vm_memory::{Bytes, GuestAddress};
+
+        let dir = scratch_dir("small-rx");
+        let path = dir.join("v.sock");
+        let listener = UnixListener::bind(format!("{}_52", path.display())).expect("host listener");
+        let mut vsock = Vsock::new(GUEST_CID, &path, Arc::default()).expect("vsock");
+        let memory =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("guest memory");
+        let queues = vec![
+            queue_at(&memory, 0x1_0000, QUEUE_SIZE),
+            queue_at(&memory, 0x2_0000, QUEUE_SIZE),
+            queue_at(&memory, 0x3_0000, QUEUE_SIZE),
+        ];
+        let irq = EventFd::new(libc::EFD_NONBLOCK).expect("irqfd");
+        vsock
+            .activate(memory.clone(), queues, Arc::new(VirtioInterrupt::new(irq)))
+            .expect("activate");
+
+        let (done, finished) = std::sync::mpsc::channel();
+        let mut manager = EventManager::<WithOps>::new().expect("event manager");
+        manager.add_subscriber(WithOps {
+            vsock,
+            f: Box::new(move |vsock, ops| {
+                vsock.guest_connect(request(1000, 52), ops);
+                vsock.control.clear();
+                let (mut host, _) = listener.accept().expect("accept");
+                host.write_all(b"hello").expect("host write");
+                // The guest posts one device-writable buffer of exactly a header's size.
+                let mut descriptor = [0u8; 16];
+                descriptor[..8].copy_from_slice(&0x8_0000u64.to_le_bytes());
+                descriptor[8..12].copy_from_slice(&(HDR_SIZE as u32).to_le_bytes());
+                descriptor[12..14].copy_from_slice(&2u16.to_le_bytes());
+                memory
+                    .write_slice(&descriptor, GuestAddress(0x1_0000))
+                    .expect("descriptor");
+                memory
+                    .write_obj(0u16, GuestAddress(0x1_1004))
+                    .expect("ring");
+                memory.write_obj(1u16, GuestAddress(0x1_1002)).expect("idx");
+                vsock.process_rx(ops);
+                let state = vsock.conns.get(&(52, 1000)).map(|c| c.state);
+                let _ = done.send((
+                    state,
+                    vsock.control.iter().map(|h| h.op).collect::<Vec<_>>(),
+                ));
+                drop(host);
+            }),
+        });
+        let (state, control) = finished.recv().expect("result");
+        assert_eq!(
+            state,
+            Some(State::Established),
+            "the connection stays up (control packets: {control:?})"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
