@@ -42,6 +42,8 @@ pub const MAX_CONNECTIONS: usize = 1024;
 /// Most control packets waiting for guest RX buffers (a few per connection at most when the
 /// guest behaves).
 pub const MAX_CONTROL_PACKETS: usize = 4 * MAX_CONNECTIONS;
+/// How long the listener rests after accept() ran out of descriptors or memory.
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 /// First port handed out to host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
@@ -93,6 +95,11 @@ pub struct Vsock {
     /// reuses the number could then never be watched (the manager refuses it as already
     /// registered). They are unwatched and closed on the loop's next pass.
     orphans: Vec<UnixStream>,
+    /// The listener is off the epoll set: accept() failed for want of descriptors (or
+    /// memory), which leaves the connection queued and the listener readable, so watching it
+    /// would wake the loop again at once, forever. `accept_retry` puts it back.
+    listener_paused: bool,
+    accept_retry: vmm_sys_util::timerfd::TimerFd,
     metrics: Arc<VsockMetrics>,
 }
 
@@ -123,6 +130,9 @@ impl Vsock {
             control: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
             orphans: Vec::new(),
+            listener_paused: false,
+            accept_retry: crate::rate_limiter::nonblocking_timer()
+                .map_err(|e| VsockError::EventFd(std::io::Error::from_raw_os_error(e.errno())))?,
             metrics,
         })
     }
@@ -199,12 +209,50 @@ impl Vsock {
                     self.handshakes.insert(fd, Handshake::new(stream));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    ) =>
+                {
+                    tracing::warn!("vsock: accept failed, retrying in {ACCEPT_RETRY:?}: {e}");
+                    self.pause_listener(ops);
+                    return;
+                }
                 Err(e) => {
                     tracing::warn!("vsock: accept failed: {e}");
                     return;
                 }
             }
         }
+    }
+
+    /// Stops watching the listener until `accept_retry` fires.
+    fn pause_listener(&mut self, ops: &mut EventOps) {
+        if self.accept_retry.reset(ACCEPT_RETRY, None).is_err() {
+            // Without the timer nothing would bring the listener back: keep watching it.
+            return;
+        }
+        if ops
+            .remove(Events::new(&self.listener, EventSet::IN))
+            .is_ok()
+        {
+            self.listener_paused = true;
+        }
+    }
+
+    /// `accept_retry` fired: watch the listener again and take what is waiting.
+    fn resume_listener(&mut self, ops: &mut EventOps) {
+        let _ = self.accept_retry.wait();
+        if !self.listener_paused {
+            return;
+        }
+        if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
+            tracing::error!("vsock: cannot watch its socket again: {e:?}");
+            return;
+        }
+        self.listener_paused = false;
+        self.accept_host_connections(ops);
     }
 
     fn progress_handshake(&mut self, fd: RawFd, ops: &mut EventOps) {
@@ -776,6 +824,9 @@ impl MutEventSubscriber for Vsock {
         if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
             tracing::error!("vsock: cannot watch its socket: {e:?}");
         }
+        if let Err(e) = ops.add(Events::new(&self.accept_retry, EventSet::IN)) {
+            tracing::error!("vsock: cannot watch its accept timer: {e:?}");
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -790,6 +841,8 @@ impl MutEventSubscriber for Vsock {
             }
         } else if fd == self.listener.as_raw_fd() {
             self.accept_host_connections(ops);
+        } else if fd == self.accept_retry.as_raw_fd() {
+            self.resume_listener(ops);
         } else if self.handshakes.contains_key(&fd) {
             self.progress_handshake(fd, ops);
         } else {
@@ -1070,6 +1123,85 @@ mod tests {
             state,
             Some(State::Established),
             "the connection stays up (control packets: {control:?})"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn running_out_of_descriptors_does_not_spin_the_event_loop() {
+        const CHILD: &str = "KILN_TEST_VSOCK_EMFILE_CHILD";
+        if std::env::var_os(CHILD).is_none() {
+            // The descriptor limit is the whole process's: the scenario runs in a child
+            // process of its own, so other tests cannot run out.
+            let status = std::process::Command::new(std::env::current_exe().expect("test binary"))
+                .args([
+                    "--exact",
+                    "devices::virtio::vsock::tests::running_out_of_descriptors_does_not_spin_the_event_loop",
+                    "--test-threads=1",
+                    "--nocapture",
+                ])
+                .env(CHILD, "1")
+                .status()
+                .expect("child test process");
+            assert!(
+                status.success(),
+                "the scenario failed in the child: {status}"
+            );
+            return;
+        }
+        let dir = scratch_dir("emfile");
+        let path = dir.join("v.sock");
+        let vsock = Arc::new(Mutex::new(
+            Vsock::new(GUEST_CID, &path, Arc::default()).expect("vsock"),
+        ));
+        let mut manager = EventManager::<Arc<Mutex<Vsock>>>::new().expect("event manager");
+        manager.add_subscriber(vsock.clone());
+
+        let limit = libc::rlimit {
+            rlim_cur: 256,
+            rlim_max: 256,
+        };
+        // SAFETY: setrlimit reads the struct we pass.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+        // Use up every descriptor but one, which the host client takes.
+        let mut spare = Vec::new();
+        loop {
+            // SAFETY: dup() of stdin; the copies are closed below.
+            let fd = unsafe { libc::dup(0) };
+            if fd < 0 {
+                break;
+            }
+            spare.push(fd);
+        }
+        // SAFETY: closing one of our own copies.
+        unsafe { libc::close(spare.pop().expect("a descriptor")) };
+        let mut client = UnixStream::connect(&path).expect("host client");
+        client.write_all(b"CONNECT 52\n").expect("CONNECT");
+
+        // accept() now fails with EMFILE and leaves the connection queued.
+        let start = Instant::now();
+        let mut dispatched = 0;
+        while start.elapsed() < Duration::from_millis(500) {
+            dispatched += manager.run_with_timeout(50).expect("event loop");
+        }
+        assert!(
+            dispatched < 50,
+            "the event loop woke {dispatched} times in 500 ms for a connection it cannot accept"
+        );
+
+        // Descriptors come free: the connection is taken after all.
+        for fd in spare.drain(..) {
+            // SAFETY: closing our own copies.
+            unsafe { libc::close(fd) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while vsock.lock().expect("vsock").conns.is_empty() && Instant::now() < deadline {
+            manager.run_with_timeout(50).expect("event loop");
+        }
+        assert_eq!(
+            vsock.lock().expect("vsock").conns.len(),
+            1,
+            "the connection was accepted once descriptors were free"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
