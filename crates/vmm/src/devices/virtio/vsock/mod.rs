@@ -100,6 +100,12 @@ pub struct Vsock {
     /// would wake the loop again at once, forever. `accept_retry` puts it back.
     listener_paused: bool,
     accept_retry: vmm_sys_util::timerfd::TimerFd,
+    /// Fires when the first closing or draining connection times out, so a guest that falls
+    /// silent cannot pin host sockets: without it the timeout was only looked at when some
+    /// other vsock event happened to come.
+    close_timer: vmm_sys_util::timerfd::TimerFd,
+    /// When `close_timer` is armed for, if it is.
+    close_deadline: Option<std::time::Instant>,
     metrics: Arc<VsockMetrics>,
 }
 
@@ -131,6 +137,9 @@ impl Vsock {
             next_local_port: FIRST_LOCAL_PORT,
             orphans: Vec::new(),
             listener_paused: false,
+            close_timer: crate::rate_limiter::nonblocking_timer()
+                .map_err(|e| VsockError::EventFd(std::io::Error::from_raw_os_error(e.errno())))?,
+            close_deadline: None,
             accept_retry: crate::rate_limiter::nonblocking_timer()
                 .map_err(|e| VsockError::EventFd(std::io::Error::from_raw_os_error(e.errno())))?,
             metrics,
@@ -356,6 +365,37 @@ impl Vsock {
             let rst = self.rst(key.0, key.1);
             push_control(&mut self.control, &self.metrics, rst);
             self.remove_conn(key, ops);
+        }
+    }
+
+    /// Arms `close_timer` for the first closing or draining connection's timeout (or disarms
+    /// it); a timer that is already right is left alone.
+    fn arm_close_timer(&mut self) {
+        let deadline = self
+            .conns
+            .values()
+            .filter_map(|c| match c.state {
+                State::Closing(since) | State::Draining(since) => {
+                    Some(since + connection::CLOSE_TIMEOUT)
+                }
+                _ => None,
+            })
+            .min();
+        if deadline == self.close_deadline {
+            return;
+        }
+        let armed = match deadline {
+            Some(at) => {
+                // Just past the deadline: the timeout is "more than CLOSE_TIMEOUT".
+                let wait = at.saturating_duration_since(std::time::Instant::now())
+                    + std::time::Duration::from_millis(1);
+                self.close_timer.reset(wait, None)
+            }
+            None => self.close_timer.clear(),
+        };
+        match armed {
+            Ok(()) => self.close_deadline = deadline,
+            Err(e) => tracing::warn!("vsock: cannot arm the close timer: {e}"),
         }
     }
 
@@ -827,6 +867,9 @@ impl MutEventSubscriber for Vsock {
         if let Err(e) = ops.add(Events::new(&self.accept_retry, EventSet::IN)) {
             tracing::error!("vsock: cannot watch its accept timer: {e:?}");
         }
+        if let Err(e) = ops.add(Events::new(&self.close_timer, EventSet::IN)) {
+            tracing::error!("vsock: cannot watch its close timer: {e:?}");
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -843,6 +886,9 @@ impl MutEventSubscriber for Vsock {
             self.accept_host_connections(ops);
         } else if fd == self.accept_retry.as_raw_fd() {
             self.resume_listener(ops);
+        } else if fd == self.close_timer.as_raw_fd() {
+            let _ = self.close_timer.wait();
+            self.close_deadline = None;
         } else if self.handshakes.contains_key(&fd) {
             self.progress_handshake(fd, ops);
         } else {
@@ -850,6 +896,7 @@ impl MutEventSubscriber for Vsock {
         }
         self.reset_stale_closing(ops);
         self.process_rx(ops);
+        self.arm_close_timer();
     }
 }
 
@@ -1203,6 +1250,43 @@ mod tests {
             1,
             "the connection was accepted once descriptors were free"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_closing_connection_is_reset_on_time_though_nothing_else_happens() {
+        let dir = scratch_dir("close-timeout");
+        let path = dir.join("v.sock");
+        let vsock = Arc::new(Mutex::new(
+            Vsock::new(GUEST_CID, &path, Arc::default()).expect("vsock"),
+        ));
+        let mut manager = EventManager::<Arc<Mutex<Vsock>>>::new().expect("event manager");
+        manager.add_subscriber(vsock.clone());
+        let _client = connect_host_clients(&path, 1);
+        assert!(run_until(&mut manager, &vsock, |v| v.conns.len() == 1));
+        // The connection is closing (the host side closed, our SHUTDOWN is out) and the
+        // guest never answers; one last event (a queue notification) is handled after.
+        let key = {
+            let mut vsock = vsock.lock().expect("vsock");
+            let key = *vsock.conns.keys().next().expect("connection");
+            if let Some(conn) = vsock.conns.get_mut(&key) {
+                conn.state = State::Closing(Instant::now());
+            }
+            vsock.queue_events[EVENT].write(1).expect("notify");
+            key
+        };
+        manager.run_with_timeout(100).expect("event loop");
+        // Then nothing happens; the timeout must still come.
+        let deadline = Instant::now() + connection::CLOSE_TIMEOUT + Duration::from_secs(2);
+        while vsock.lock().expect("vsock").conns.contains_key(&key) && Instant::now() < deadline {
+            manager.run_with_timeout(100).expect("event loop");
+        }
+        let vsock = vsock.lock().expect("vsock");
+        assert!(
+            !vsock.conns.contains_key(&key),
+            "a silent guest's closing connection is reset after CLOSE_TIMEOUT"
+        );
+        assert_eq!(vsock.control.back().map(|h| h.op), Some(op::RST));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
