@@ -305,6 +305,13 @@ impl Vsock {
         if events.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP) {
             conn.readable = true;
         }
+        if conn.state == State::LocalInit && events.contains(EventSet::HANG_UP) {
+            // The host process gave up before the guest answered its CONNECT. Nothing reads
+            // a LocalInit socket, so this is the only notice: without it the connection would
+            // hold its slot until the guest answered, which it may never do.
+            self.host_closed(key, ops);
+            return;
+        }
         if events.contains(EventSet::OUT) && matches!(conn.state, State::Draining(_)) {
             let closed = matches!(conn.flush_to_host(), SocketEvent::Closed);
             if closed || !conn.has_data_for_host() {
@@ -1287,6 +1294,27 @@ mod tests {
             "a silent guest's closing connection is reset after CLOSE_TIMEOUT"
         );
         assert_eq!(vsock.control.back().map(|h| h.op), Some(op::RST));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_host_process_that_gives_up_before_the_guest_answers_frees_its_slot() {
+        let dir = scratch_dir("local-init");
+        let path = dir.join("v.sock");
+        let vsock = Arc::new(Mutex::new(
+            Vsock::new(GUEST_CID, &path, Arc::default()).expect("vsock"),
+        ));
+        let mut manager = EventManager::<Arc<Mutex<Vsock>>>::new().expect("event manager");
+        manager.add_subscriber(vsock.clone());
+        // The guest does not answer (here: its driver is not even up).
+        let clients = connect_host_clients(&path, 4);
+        assert!(run_until(&mut manager, &vsock, |v| v.conns.len() == 4));
+        drop(clients);
+        assert!(
+            run_until(&mut manager, &vsock, |v| v.conns.is_empty()),
+            "closed host connections still hold {} slots",
+            vsock.lock().expect("vsock").conns.len()
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
