@@ -945,6 +945,32 @@ mod tests {
         }
     }
 
+    /// A device on an event loop of its own, listening in a fresh scratch directory.
+    struct LoopedVsock {
+        dir: PathBuf,
+        path: PathBuf,
+        vsock: Arc<Mutex<Vsock>>,
+        manager: EventManager<Arc<Mutex<Vsock>>>,
+    }
+
+    impl LoopedVsock {
+        fn new(name: &str) -> LoopedVsock {
+            let dir = scratch_dir(name);
+            let path = dir.join("v.sock");
+            let vsock = Arc::new(Mutex::new(
+                Vsock::new(GUEST_CID, &path, Arc::default()).expect("vsock"),
+            ));
+            let mut manager = EventManager::<Arc<Mutex<Vsock>>>::new().expect("event manager");
+            manager.add_subscriber(vsock.clone());
+            LoopedVsock {
+                dir,
+                path,
+                vsock,
+                manager,
+            }
+        }
+    }
+
     /// Runs the event loop until `done` holds (or a few seconds pass).
     fn run_until(
         manager: &mut EventManager<Arc<Mutex<Vsock>>>,
@@ -973,13 +999,12 @@ mod tests {
 
     #[test]
     fn host_connections_after_a_guest_reset_are_still_watched() {
-        let dir = scratch_dir("reset");
-        let path = dir.join("v.sock");
-        let vsock = Arc::new(Mutex::new(
-            Vsock::new(GUEST_CID, &path, Arc::default()).expect("vsock"),
-        ));
-        let mut manager = EventManager::<Arc<Mutex<Vsock>>>::new().expect("event manager");
-        manager.add_subscriber(vsock.clone());
+        let LoopedVsock {
+            dir,
+            path,
+            vsock,
+            mut manager,
+        } = LoopedVsock::new("reset");
 
         const N: usize = 8;
         let old = connect_host_clients(&path, N);
@@ -1203,13 +1228,12 @@ mod tests {
             );
             return;
         }
-        let dir = scratch_dir("emfile");
-        let path = dir.join("v.sock");
-        let vsock = Arc::new(Mutex::new(
-            Vsock::new(GUEST_CID, &path, Arc::default()).expect("vsock"),
-        ));
-        let mut manager = EventManager::<Arc<Mutex<Vsock>>>::new().expect("event manager");
-        manager.add_subscriber(vsock.clone());
+        let LoopedVsock {
+            dir,
+            path,
+            vsock,
+            mut manager,
+        } = LoopedVsock::new("emfile");
 
         let limit = libc::rlimit {
             rlim_cur: 256,
@@ -1262,13 +1286,12 @@ mod tests {
 
     #[test]
     fn a_closing_connection_is_reset_on_time_though_nothing_else_happens() {
-        let dir = scratch_dir("close-timeout");
-        let path = dir.join("v.sock");
-        let vsock = Arc::new(Mutex::new(
-            Vsock::new(GUEST_CID, &path, Arc::default()).expect("vsock"),
-        ));
-        let mut manager = EventManager::<Arc<Mutex<Vsock>>>::new().expect("event manager");
-        manager.add_subscriber(vsock.clone());
+        let LoopedVsock {
+            dir,
+            path,
+            vsock,
+            mut manager,
+        } = LoopedVsock::new("close-timeout");
         let _client = connect_host_clients(&path, 1);
         assert!(run_until(&mut manager, &vsock, |v| v.conns.len() == 1));
         // The connection is closing (the host side closed, our SHUTDOWN is out) and the
@@ -1299,13 +1322,12 @@ mod tests {
 
     #[test]
     fn a_host_process_that_gives_up_before_the_guest_answers_frees_its_slot() {
-        let dir = scratch_dir("local-init");
-        let path = dir.join("v.sock");
-        let vsock = Arc::new(Mutex::new(
-            Vsock::new(GUEST_CID, &path, Arc::default()).expect("vsock"),
-        ));
-        let mut manager = EventManager::<Arc<Mutex<Vsock>>>::new().expect("event manager");
-        manager.add_subscriber(vsock.clone());
+        let LoopedVsock {
+            dir,
+            path,
+            vsock,
+            mut manager,
+        } = LoopedVsock::new("local-init");
         // The guest does not answer (here: its driver is not even up).
         let clients = connect_host_clients(&path, 4);
         assert!(run_until(&mut manager, &vsock, |v| v.conns.len() == 4));
