@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{describe, missing_boot_prerequisite, text, Root};
+use common::{assert_fails_with, describe, missing_boot_prerequisite, text, Root};
 
 /// Why these tests cannot run here, if they cannot.
 fn missing_prerequisite() -> Option<String> {
@@ -358,12 +358,7 @@ fn network_flag_errors_are_clear() {
         "kiln/default",
         "true",
     ]);
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("use bridge, user or none"),
-        "{}",
-        describe(&out)
-    );
+    assert_fails_with(&out, "use bridge, user or none");
     let out = root.kiln(&[
         "run",
         "--backend",
@@ -373,12 +368,7 @@ fn network_flag_errors_are_clear() {
         "kiln/default",
         "true",
     ]);
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("no user-mode network"),
-        "{}",
-        describe(&out)
-    );
+    assert_fails_with(&out, "no user-mode network");
 }
 
 #[test]

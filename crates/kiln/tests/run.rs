@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use kiln_image::oci::{ImageBuilder, LayerBuilder};
 use kiln_image::Compression;
 
-use common::{describe, missing_boot_prerequisite, text, Root};
+use common::{assert_fails_with, describe, missing_boot_prerequisite, text, Root};
 
 macro_rules! require_prerequisites {
     () => {
@@ -676,12 +676,7 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
     let out = root.kiln(&["create", "--name", "taken", "kiln/default", "true"]);
     assert!(out.status.success(), "{}", describe(&out));
     let out = root.kiln(&["run", "--rm", "--name", "taken", "kiln/default", "true"]);
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("already used"),
-        "{}",
-        describe(&out)
-    );
+    assert_fails_with(&out, "already used");
     assert_eq!(root.vm_dirs().len(), 1, "only the first VM exists");
     let out = root.kiln(&["rm", "taken"]);
     assert!(out.status.success(), "{}", describe(&out));
@@ -761,12 +756,7 @@ fn create_then_start_attached_and_a_restart_keeps_the_disk() {
     assert_eq!(record["exit_code"], 0);
     // exec needs a running VM.
     let out = root.kiln(&["exec", name, "true"]);
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("not running"),
-        "{}",
-        describe(&out)
-    );
+    assert_fails_with(&out, "not running");
     let out = root.kiln(&["rm", name]);
     assert!(out.status.success(), "{}", describe(&out));
 }
@@ -825,8 +815,7 @@ fn logs_follow_streams_until_the_vm_exits() {
     let out = root.kiln(&["logs", "--since", "1h", "-n", "1", name]);
     assert_eq!(text(&out.stdout), "line3\n", "{}", describe(&out));
     let out = root.kiln(&["logs", "--since", "last tuesday", name]);
-    assert!(!out.status.success(), "{}", describe(&out));
-    assert!(text(&out.stderr).contains("--since"), "{}", describe(&out));
+    assert_fails_with(&out, "--since");
 
     let out = root.kiln(&["rm", name]);
     assert!(out.status.success(), "{}", describe(&out));
@@ -899,12 +888,7 @@ fn logs_rotate_at_their_cap_and_a_follower_reads_across_rotations() {
         format!("{}\n{}\n", expected[3998], expected[3999])
     );
     let out = root.kiln(&["create", "--log-max-size", "lots", "kiln/default"]);
-    assert!(!out.status.success(), "{}", describe(&out));
-    assert!(
-        text(&out.stderr).contains("--log-max-size"),
-        "{}",
-        describe(&out)
-    );
+    assert_fails_with(&out, "--log-max-size");
     let out = root.kiln(&["rm", name]);
     assert!(out.status.success(), "{}", describe(&out));
 }
@@ -1048,23 +1032,13 @@ fn kill_sends_a_signal_to_the_main_process() {
     assert!(out.status.success(), "{}", describe(&out));
     root.wait_status(name, "running", Duration::from_secs(120));
     let out = root.kiln(&["kill", "-s", "NOSUCH", name]);
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("unknown signal"),
-        "{}",
-        describe(&out)
-    );
+    assert_fails_with(&out, "unknown signal");
     let out = root.kiln(&["kill", "-s", "TERM", name]);
     assert!(out.status.success(), "{}", describe(&out));
     let record = root.wait_status(name, "exited", Duration::from_secs(60));
     assert_eq!(record["exit_code"], 128 + 15, "{record}");
     let out = root.kiln(&["kill", name]);
-    assert!(!out.status.success(), "kill of a stopped VM fails");
-    assert!(
-        text(&out.stderr).contains("not running"),
-        "{}",
-        describe(&out)
-    );
+    assert_fails_with(&out, "not running");
     let out = root.kiln(&["rm", name]);
     assert!(out.status.success(), "{}", describe(&out));
 }
@@ -1116,12 +1090,7 @@ fn attach_main_needs_a_terminal_for_a_terminal_process() {
     assert!(out.status.success(), "{}", describe(&out));
     root.wait_status(name, "running", Duration::from_secs(120));
     let out = root.kiln(&["attach", "--main", name]);
-    assert!(!out.status.success(), "{}", describe(&out));
-    assert!(
-        text(&out.stderr).contains("attach from a terminal"),
-        "{}",
-        describe(&out)
-    );
+    assert_fails_with(&out, "attach from a terminal");
     assert_eq!(
         root.inspect(name)["status"],
         "running",
@@ -1138,12 +1107,7 @@ fn a_kernel_in_use_by_a_vm_is_not_removed() {
     let out = root.kiln(&["create", "--name", "user", "kiln/default", "true"]);
     assert!(out.status.success(), "{}", describe(&out));
     let out = root.kiln(&["kernel", "rm", "default"]);
-    assert!(!out.status.success(), "{}", describe(&out));
-    assert!(
-        text(&out.stderr).contains("used by VM(s) user"),
-        "{}",
-        describe(&out)
-    );
+    assert_fails_with(&out, "used by VM(s) user");
     let out = root.kiln(&["kernel", "ls"]);
     assert!(text(&out.stdout).contains("default"), "{}", describe(&out));
     let out = root.kiln(&["rm", "user"]);
@@ -1179,12 +1143,7 @@ fn kernel_args_reach_the_guest_kernel() {
         "kiln/default",
         "true",
     ]);
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("--kernel-args"),
-        "{}",
-        describe(&out)
-    );
+    assert_fails_with(&out, "--kernel-args");
 }
 
 #[test]

@@ -126,6 +126,12 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Asserts that a kiln command failed and that its error names `needle`.
+pub fn assert_fails_with(out: &Output, needle: &str) {
+    assert!(!out.status.success(), "{}", describe(out));
+    assert!(text(&out.stderr).contains(needle), "{}", describe(out));
+}
+
 /// A command's status and output, for assertion messages.
 pub fn describe(out: &Output) -> String {
     format!(
