@@ -12,42 +12,16 @@
 //! install, because a skip would hide a broken CI. Extra arguments for run.sh (e.g.
 //! `--outer-disk copy`, `--timeout 400`) can be given in `KILN_LINUX_BOOT_ARGS`.
 
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+#[path = "../../../tests/nested/harness.rs"]
+mod harness;
+
+use std::path::Path;
 use std::time::Instant;
 
-/// tests/nested/run.sh in this repository.
-fn run_sh() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/nested/run.sh")
-}
-
-/// Whether `name` is an executable in `PATH`.
-fn in_path(name: &str) -> bool {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).any(|dir| {
-        let candidate = dir.join(name);
-        candidate.is_file()
-            && std::fs::metadata(&candidate)
-                .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0)
-                .unwrap_or(false)
-    })
-}
-
-/// Whether the host CPU has hardware virtualization (then kiln-vmm runs without an outer VM).
-fn host_has_vmx_or_svm() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .map(|info| {
-            info.lines()
-                .filter(|l| l.starts_with("flags"))
-                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
-        })
-        .unwrap_or(false)
-}
+use harness::{cloud_kernels, host_has_vmx_or_svm, missing_tools, run, timing};
 
 /// Fails the test, naming the Debian package, when something run.sh needs is missing.
 fn check_prerequisites(direct: bool) {
-    let mut missing = Vec::new();
     let mut tools = vec![
         ("busybox", "busybox-static"),
         ("mkfs.ext4", "e2fsprogs"),
@@ -60,21 +34,8 @@ fn check_prerequisites(direct: bool) {
     if !direct {
         tools.push(("qemu-system-x86_64", "qemu-system-x86"));
     }
-    for (tool, package) in tools {
-        if !in_path(tool) {
-            missing.push(format!("`{tool}` (apt-get install {package})"));
-        }
-    }
-    let kernel_found = std::env::var_os("KILN_KERNEL").is_some()
-        || std::fs::read_dir("/boot")
-            .map(|dir| {
-                dir.filter_map(Result::ok).any(|e| {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    name.starts_with("vmlinuz-") && name.ends_with("-cloud-amd64")
-                })
-            })
-            .unwrap_or(false);
-    if !kernel_found {
+    let mut missing = missing_tools(&tools);
+    if std::env::var_os("KILN_KERNEL").is_none() && cloud_kernels().is_empty() {
         missing.push(
             "/boot/vmlinuz-*-cloud-amd64 (apt-get install linux-image-cloud-amd64)".to_string(),
         );
@@ -84,112 +45,6 @@ fn check_prerequisites(direct: bool) {
         "the Linux boot test needs: {}",
         missing.join(", ")
     );
-}
-
-/// The output of one run.sh invocation.
-struct Run {
-    /// Console lines and run.sh's own lines (stdout), in order.
-    lines: Vec<String>,
-    /// run.sh's stderr (build output, errors).
-    stderr: String,
-    /// run.sh's exit status.
-    status: std::process::ExitStatus,
-    /// The reproduction command.
-    command: String,
-}
-
-impl Run {
-    /// The first line containing `needle`.
-    fn find(&self, needle: &str) -> Option<&str> {
-        self.lines
-            .iter()
-            .map(String::as_str)
-            .find(|l| l.contains(needle))
-    }
-
-    /// The last `n` lines, for failure messages.
-    fn tail(&self, n: usize) -> String {
-        let start = self.lines.len().saturating_sub(n);
-        self.lines[start..].join("\n")
-    }
-
-    /// Fails with `what`, the console tail and the command to reproduce.
-    fn fail(&self, what: &str) -> ! {
-        let stderr_tail: Vec<&str> = self.stderr.lines().rev().take(15).collect();
-        let stderr_tail: Vec<&str> = stderr_tail.into_iter().rev().collect();
-        panic!(
-            "{what}\n--- last console lines ---\n{}\n--- run.sh stderr (tail) ---\n{}\n\
-             --- run.sh exit: {} ---\nreproduce with: {}",
-            self.tail(80),
-            stderr_tail.join("\n"),
-            self.status,
-            self.command
-        );
-    }
-
-    /// The first line containing `needle`, or a failure explaining `what` is missing.
-    fn expect(&self, needle: &str, what: &str) -> &str {
-        match self.find(needle) {
-            Some(line) => line,
-            None => self.fail(&format!("{what}: no console line contains `{needle}`")),
-        }
-    }
-}
-
-/// Runs run.sh, echoing its output live to stderr (visible with `--nocapture`).
-fn run(args: &[String]) -> Run {
-    let script = run_sh();
-    assert!(script.is_file(), "{} is missing", script.display());
-    let command = format!("bash {} {}", script.display(), args.join(" "));
-    eprintln!("linux_boot: running {command}");
-    let mut child = Command::new("bash")
-        .env("KILN_STATIC_PROFILE", "static-test")
-        .arg(&script)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn bash tests/nested/run.sh (is bash installed?)");
-    let mut stderr_pipe = child.stderr.take().expect("run.sh stderr is piped");
-    let stderr_thread = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        // Echo run.sh's stderr (cargo build, progress) while collecting it.
-        let mut chunk = [0u8; 4096];
-        loop {
-            match stderr_pipe.read(&mut chunk) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    eprint!("{}", String::from_utf8_lossy(&chunk[..n]));
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-            }
-        }
-        String::from_utf8_lossy(&buf).into_owned()
-    });
-    let stdout = child.stdout.take().expect("run.sh stdout is piped");
-    let mut lines = Vec::new();
-    for line in BufReader::new(stdout).split(b'\n') {
-        let line = line.expect("read run.sh stdout");
-        let line = String::from_utf8_lossy(&line).trim_end().to_string();
-        eprintln!("{line}");
-        lines.push(line);
-    }
-    let status = child.wait().expect("wait for run.sh");
-    let stderr = stderr_thread.join().expect("stderr reader thread");
-    Run {
-        lines,
-        stderr,
-        status,
-        command,
-    }
-}
-
-/// Value of `key=` in a KILN-TIMING line.
-fn timing<'a>(line: &'a str, key: &str) -> &'a str {
-    line.split_whitespace()
-        .find_map(|field| field.strip_prefix(key)?.strip_prefix('='))
-        .unwrap_or("n/a")
 }
 
 #[test]
@@ -216,7 +71,7 @@ fn boots_debian_cloud_kernel_with_virtio_blk_over_acpi() {
     }
 
     let started = Instant::now();
-    let run = run(&args);
+    let run = run("linux_boot", &args);
     let elapsed = started.elapsed();
 
     if run.status.code() == Some(2) || run.find("KILN-MODE").is_none() {
