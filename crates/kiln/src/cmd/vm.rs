@@ -402,7 +402,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         println!("{}", record.id);
         return Ok(0);
     }
-    *PENDING_VM.lock().unwrap_or_else(|p| p.into_inner()) = Some(record.id.clone());
+    *lock_ignoring_poison(&PENDING_VM) = Some(record.id.clone());
     start_attached(&engine, &record, options.stdin, options.tty)
 }
 
@@ -483,7 +483,7 @@ pub fn forward_signals() {
     let signals = term::block_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGWINCH]);
     std::thread::spawn(move || loop {
         let signal = term::wait_signal(&signals);
-        let mut target = FORWARD_TO.lock().unwrap_or_else(|p| p.into_inner());
+        let mut target = lock_ignoring_poison(&FORWARD_TO);
         match target.as_mut() {
             Some(input) => {
                 let sent = if signal == libc::SIGWINCH {
@@ -501,7 +501,7 @@ pub fn forward_signals() {
             None if signal == libc::SIGWINCH => {}
             None => {
                 // Interrupted before the process was reached: a VM made for this run goes.
-                let pending = PENDING_VM.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let pending = lock_ignoring_poison(&PENDING_VM).take();
                 if let Some(id) = pending {
                     eprintln!("kiln: interrupted; removing the VM");
                     if let Ok(engine) = engine() {
@@ -523,9 +523,9 @@ fn follow(mut session: Session, stdin: bool, tty: bool) -> anyhow::Result<Sessio
     let mut input = session.input()?;
     {
         // From here on, signals go to the process and the VM is the user's.
-        let mut forward = FORWARD_TO.lock().unwrap_or_else(|p| p.into_inner());
+        let mut forward = lock_ignoring_poison(&FORWARD_TO);
         *forward = Some(input.try_clone()?);
-        PENDING_VM.lock().unwrap_or_else(|p| p.into_inner()).take();
+        lock_ignoring_poison(&PENDING_VM).take();
     }
     let raw = if tty { term::RawMode::enable(0) } else { None };
     if stdin {
