@@ -49,6 +49,8 @@ import tempfile
 import threading
 import time
 
+import kilnbuild
+
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH_DIR)
 
@@ -175,25 +177,7 @@ def find_qemu():
 
 
 def find_kiln(path):
-    if path:
-        if not os.access(path, os.X_OK):
-            die(f"--kiln {path}: not an executable")
-        binary = path
-    else:
-        if not shutil.which("cargo"):
-            die("cargo is not on PATH (needed to build kiln; or give --kiln PATH)")
-        say("building kiln (cargo build --release -p kiln)")
-        for attempt in range(5):
-            rc = subprocess.run(["cargo", "build", "--release", "-q", "-p", "kiln"],
-                                cwd=REPO).returncode
-            if rc == 0:
-                break
-            # Others edit the tree concurrently; give them a moment to make it build again.
-            say(f"cargo build failed (attempt {attempt + 1}); retrying in 30 s")
-            time.sleep(30)
-        else:
-            die("cargo build --release -p kiln failed")
-        binary = os.path.join(REPO, "target", "release", "kiln")
+    binary = kilnbuild.release_kiln(REPO, path, say, die)
     # A private copy: a rebuild during the run cannot swap the binary between measurements
     # (the supervisor runs as `current_exe() __supervise`, i.e. this copy too).
     copy = os.path.join(WORK, "kiln")
