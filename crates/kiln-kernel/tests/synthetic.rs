@@ -409,6 +409,8 @@ fn concurrent_imports() {
     let kernel = tmp.path().join("vmlinuz");
     fs::write(&kernel, fake_bzimage("6.6.6-test #1")).expect("kernel");
     let modules = fake_modules_tree(tmp.path(), "6.6.6-test", Comp::Zst);
+    // The shared busybox exists before the racing threads start.
+    fake_busybox(tmp.path());
     let results: Vec<(String, Result<_, Error>)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..8)
             .map(|i| {

@@ -186,7 +186,11 @@ pub fn fake_busybox(dir: &Path) -> PathBuf {
     elf[16..18].copy_from_slice(&2u16.to_le_bytes());
     elf[18..20].copy_from_slice(&0x3eu16.to_le_bytes());
     elf[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+    // Written under a unique name and renamed, so a test thread that finds the
+    // file never reads it half-written while another thread creates it.
     let path = dir.join("fake-busybox");
-    fs::write(&path, elf).expect("fake busybox");
+    let staging = tempfile::NamedTempFile::new_in(dir).expect("fake busybox staging");
+    fs::write(staging.path(), elf).expect("fake busybox");
+    staging.persist(&path).expect("fake busybox rename");
     path
 }
