@@ -36,6 +36,7 @@ const GUESTS: &[Guest] = &[
     c_guest("hostile-blk", &["hostile_blk.c", "virtio.c"]),
     c_guest("boot-timer", &["boot_timer.c"]),
     c_guest("counter", &["counter.c"]),
+    c_guest("serial-echo", &["serial_echo.c"]),
     c_guest("net-pump", &["net_pump.c", "virtio.c"]),
     c_guest("ctrl-alt-del", &["ctrl_alt_del.c"]),
     c_guest("triple-fault", &["triple_fault.c"]),

@@ -1047,6 +1047,60 @@ fn serial_out_sends_the_guest_console_to_the_file_instead_of_stdout() {
 }
 
 #[test]
+fn serial_input_far_larger_than_the_fifo_reaches_the_guest_whole_and_in_order() {
+    if !kvm_or_skip("serial_input_far_larger_than_the_fifo_reaches_the_guest_whole_and_in_order") {
+        return;
+    }
+    let dir = TempDir::new("serial-echo");
+    let config = json!({
+        "boot-source": {
+            "kernel_image_path": test_guests::guest("serial-echo"),
+            "boot_args": BOOT_ARGS,
+        },
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+    });
+    let path = dir.join("vm.json");
+    fs::write(&path, json(&config)).expect("write config file");
+    let args = [
+        OsString::from("--config-file"),
+        path.into_os_string(),
+        OsString::from("--no-api"),
+    ];
+    let (mut vmm, mut stdin) = Vmm::spawn_with_stdin(dir, args);
+    // 16 KiB, 256 times the UART's FIFO, in one write before the guest even reads, then end
+    // of input: the last bytes arrive together with the hang-up.
+    let input: Vec<u8> = (0..16 * 1024u32)
+        .map(|i| b"abcdefghijklmnopqrstuvwxyz0123456789"[(i * 7 % 36) as usize])
+        .chain([0x04])
+        .collect();
+    {
+        use std::io::Write as _;
+        stdin
+            .write_all(&input)
+            .expect("write the guest's serial input");
+    }
+    drop(stdin);
+    let status = vmm.expect_exit(EXIT_TIMEOUT);
+    let output = vmm.stdout.text();
+    let sent = std::str::from_utf8(&input[..input.len() - 1]).expect("ASCII input");
+    let echoed = output
+        .split_once("serial-echo: ready\n")
+        .and_then(|(_, rest)| rest.split_once("\nserial-echo: done"))
+        .map(|(echo, _)| echo)
+        .unwrap_or_else(|| {
+            let tail = &output[output.len().saturating_sub(300)..];
+            panic!("no echo between the guest's markers; output ends {tail:?}")
+        });
+    assert_eq!(echoed.len(), sent.len(), "every input byte echoed once");
+    assert!(echoed == sent, "the echo differs from the input");
+    assert!(
+        output.contains(&format!("serial-echo: done echoed={}", sent.len())),
+        "the guest counted every byte"
+    );
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
 fn without_boot_timer_flag_the_boot_timer_write_is_ignored_and_not_logged() {
     if !kvm_or_skip("without_boot_timer_flag_the_boot_timer_write_is_ignored_and_not_logged") {
         return;

@@ -421,10 +421,13 @@ pub fn start_vm(
 
     // Legacy devices on the port bus.
     let mut pio = Bus::new();
-    let serial = Arc::new(Mutex::new(SerialConsole::new(
-        IrqLine(irq_line(&vm, SERIAL_IRQ)?),
-        serial_writer(&options.serial_output)?,
-    )));
+    let serial = Arc::new(Mutex::new(
+        SerialConsole::new(
+            IrqLine(irq_line(&vm, SERIAL_IRQ)?),
+            serial_writer(&options.serial_output)?,
+        )
+        .map_err(|e| StartError::Device(format!("eventfd for serial input: {e}")))?,
+    ));
     pio.insert(serial.clone(), COM1_PORT, COM1_PORT_COUNT)
         .map_err(device_err)?;
     let i8042 = Arc::new(Mutex::new(I8042::new(

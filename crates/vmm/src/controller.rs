@@ -413,9 +413,10 @@ impl Vmm {
         for net in &running.nets {
             self.new_subscribers.push(net.device.clone());
         }
-        self.new_subscribers.push(Arc::new(Mutex::new(SerialInput {
-            serial: running.serial.clone(),
-        })));
+        self.new_subscribers
+            .push(Arc::new(Mutex::new(SerialInput::new(
+                running.serial.clone(),
+            ))));
         self.running = Some(running);
         self.state = InstanceState::Running;
         tracing::info!("microVM started");
@@ -541,39 +542,110 @@ impl MutEventSubscriber for Vmm {
     }
 }
 
-/// Feeds stdin to the guest's serial port.
+/// Feeds stdin to the guest's serial port, reading only as much as the UART's FIFO can take.
+///
+/// While the FIFO is full, stdin is not watched at all (level-triggered epoll would otherwise
+/// spin); the UART's drain eventfd brings it back once the guest has read the FIFO empty.
 struct SerialInput {
     serial: Arc<Mutex<crate::devices::legacy::serial::SerialConsole>>,
+    /// Whether stdin is in the epoll set right now.
+    watching: bool,
+    /// Whether stdin reached end of file or failed; it is never watched again.
+    finished: bool,
 }
 
-impl MutEventSubscriber for SerialInput {
-    fn init(&mut self, ops: &mut EventOps) {
-        // A stdin that cannot be polled (a regular file, /dev/null) is simply not watched.
-        if ops
-            .add(Events::new_raw(libc::STDIN_FILENO, EventSet::IN))
-            .is_err()
-        {
-            tracing::debug!("stdin is not pollable; serial input disabled");
+impl SerialInput {
+    fn new(serial: Arc<Mutex<crate::devices::legacy::serial::SerialConsole>>) -> Self {
+        SerialInput {
+            serial,
+            watching: false,
+            finished: false,
         }
     }
 
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let mut serial = lock(&self.serial);
-        let room = serial.input_room().max(1);
-        let mut buffer = vec![0u8; room.min(64)];
-        // SAFETY: reading into a buffer we own, of the length we pass.
+    fn stdin_events() -> Events {
+        Events::new_raw(libc::STDIN_FILENO, EventSet::IN)
+    }
+
+    fn watch(&mut self, ops: &mut EventOps) {
+        if self.watching || self.finished {
+            return;
+        }
+        // A stdin that cannot be polled (a regular file, /dev/null) is simply not watched.
+        match ops.add(Self::stdin_events()) {
+            Ok(()) => self.watching = true,
+            Err(e) => {
+                tracing::debug!("stdin is not pollable ({e:?}); serial input disabled");
+                self.finished = true;
+            }
+        }
+    }
+
+    fn unwatch(&mut self, ops: &mut EventOps) {
+        if self.watching {
+            let _ = ops.remove(Self::stdin_events());
+            self.watching = false;
+        }
+    }
+
+    /// Moves what stdin has (at most the FIFO's free room) into the UART.
+    fn read_stdin(&mut self, ops: &mut EventOps) {
+        let serial = Arc::clone(&self.serial);
+        let mut serial = lock(&serial);
+        let room = serial.input_room();
+        if room == 0 {
+            self.unwatch(ops);
+            return;
+        }
+        let mut buffer = [0u8; 64];
+        let want = room.min(buffer.len());
+        // SAFETY: reading into a buffer we own, at most its length.
         let n = unsafe {
             libc::read(
                 libc::STDIN_FILENO,
                 buffer.as_mut_ptr() as *mut libc::c_void,
-                buffer.len(),
+                want,
             )
         };
-        if n <= 0 || events.event_set().contains(EventSet::HANG_UP) {
-            let _ = ops.remove(Events::new_raw(libc::STDIN_FILENO, EventSet::IN));
+        if n < 0 {
+            let error = std::io::Error::last_os_error();
+            if matches!(
+                error.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ) {
+                return;
+            }
+            tracing::debug!("stdin read failed ({error}); serial input ends");
+        }
+        if n <= 0 {
+            self.unwatch(ops);
+            self.finished = true;
             return;
         }
         serial.enqueue_input(&buffer[..n as usize]);
+        if serial.input_room() == 0 {
+            self.unwatch(ops);
+        }
+    }
+}
+
+impl MutEventSubscriber for SerialInput {
+    fn init(&mut self, ops: &mut EventOps) {
+        let drained = lock(&self.serial).input_drained_fd();
+        if let Err(e) = ops.add(Events::new_raw(drained, EventSet::IN)) {
+            tracing::error!("cannot watch the serial input drain: {e:?}");
+        }
+        self.watch(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == libc::STDIN_FILENO {
+            // A hang-up can come with data still buffered: read until end of file.
+            self.read_stdin(ops);
+        } else {
+            lock(&self.serial).clear_input_drained();
+            self.watch(ops);
+        }
     }
 }
 

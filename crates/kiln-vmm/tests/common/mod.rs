@@ -13,7 +13,7 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -239,13 +239,33 @@ impl Vmm {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut child = Command::new(VMM_BIN)
-            .args(args)
-            .stdin(Stdio::null())
+        let mut cmd = Command::new(VMM_BIN);
+        cmd.args(args);
+        Vmm::start(dir, cmd, Stdio::null())
+    }
+
+    /// Like [`Vmm::spawn`], but with the VMM's standard input (the guest's serial input) a
+    /// pipe whose writing end is returned.
+    pub fn spawn_with_stdin<I, S>(dir: TempDir, args: I) -> (Vmm, ChildStdin)
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = Command::new(VMM_BIN);
+        cmd.args(args);
+        let mut vmm = Vmm::start(dir, cmd, Stdio::piped());
+        let stdin = vmm.child.stdin.take().expect("piped stdin");
+        (vmm, stdin)
+    }
+
+    /// Starts `cmd` with the given standard input, capturing stdout and stderr.
+    fn start(dir: TempDir, mut cmd: Command, stdin: Stdio) -> Vmm {
+        let mut child = cmd
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|err| panic!("starting {VMM_BIN}: {err}"));
+            .unwrap_or_else(|err| panic!("starting {cmd:?}: {err}"));
         let stdout = Output::new();
         let stderr = Output::new();
         let out: ChildStdout = child.stdout.take().expect("piped stdout");
@@ -615,27 +635,8 @@ pub fn line_num(line: &str, key: &str) -> u64 {
 impl Vmm {
     /// Starts `cmd` (which must exec `kiln-vmm` in place, as `ip netns exec` does, so that the
     /// child's pid is the VMM's) capturing stdout and stderr.
-    pub fn spawn_command(dir: TempDir, mut cmd: Command) -> Vmm {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|err| panic!("starting {cmd:?}: {err}"));
-        let stdout = Output::new();
-        let stderr = Output::new();
-        let out: ChildStdout = child.stdout.take().expect("piped stdout");
-        let err: ChildStderr = child.stderr.take().expect("piped stderr");
-        stdout.clone().collect(out);
-        stderr.clone().collect(err);
-        Vmm {
-            child,
-            exit: None,
-            stdout,
-            stderr,
-            api_sock: None,
-            dir,
-        }
+    pub fn spawn_command(dir: TempDir, cmd: Command) -> Vmm {
+        Vmm::start(dir, cmd, Stdio::null())
     }
 
     /// Like [`Vmm::with_api`], but runs `kiln-vmm` inside the network namespace `netns` through
