@@ -461,7 +461,25 @@ impl PtyKiln {
     /// after printing the prompt and drops input that arrives during that (a person would not
     /// type within milliseconds either).
     fn wait_for_prompt(&self) {
-        self.wait_for("# ");
+        self.wait_for_prompt_after("");
+    }
+
+    /// Like [`PtyKiln::wait_for_prompt`], for the prompt that follows the last `marker` on
+    /// the terminal (the shell prints the prompt after a command's output).
+    fn wait_for_prompt_after(&self, marker: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let seen = self.seen();
+            let after = seen.rfind(marker).map(|at| &seen[at + marker.len()..]);
+            if after.is_some_and(|rest| rest.contains("# ")) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no prompt after {marker:?} on the terminal: {seen}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         std::thread::sleep(Duration::from_secs(1));
     }
 
@@ -477,7 +495,11 @@ impl PtyKiln {
             if let Some(status) = self.child.0.try_wait().expect("wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "kiln did not end {what}");
+            assert!(
+                Instant::now() < deadline,
+                "kiln did not end {what}; the terminal shows: {}",
+                self.seen()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -506,6 +528,7 @@ fn interactive_tty_session_through_a_pty() {
     // Ctrl-D ends the shell; its status is kiln's.
     pty.type_in(b"sh -c 'exit 4'; echo was-$?\r");
     pty.wait_for("was-4");
+    pty.wait_for_prompt_after("was-4");
     pty.type_in(&[4]);
     let status = pty.wait_exit("after Ctrl-D");
     assert_eq!(status.code(), Some(0));
