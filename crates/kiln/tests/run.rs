@@ -470,7 +470,10 @@ impl PtyKiln {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let seen = self.seen();
-            let after = seen.rfind(marker).map(|at| &seen[at + marker.len()..]);
+            let after = match marker {
+                "" => Some(seen.as_str()),
+                _ => seen.rfind(marker).map(|at| &seen[at + marker.len()..]),
+            };
             if after.is_some_and(|rest| rest.contains("# ")) {
                 break;
             }
