@@ -73,6 +73,7 @@ pub struct VsockMetrics {
     tx_bytes: AtomicU64,
     connections: AtomicU64,
     invalid_packets: AtomicU64,
+    conn_timeouts: AtomicU64,
 }
 
 impl VsockMetrics {
@@ -96,6 +97,11 @@ impl VsockMetrics {
         self.invalid_packets.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A host CONNECT the guest did not answer in time.
+    pub fn inc_conn_timeouts(&self) {
+        self.conn_timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The counters as JSON.
     pub fn to_json(&self) -> Value {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -104,6 +110,7 @@ impl VsockMetrics {
             "tx_bytes": get(&self.tx_bytes),
             "connections": get(&self.connections),
             "invalid_packets": get(&self.invalid_packets),
+            "conn_timeouts": get(&self.conn_timeouts),
         })
     }
 }

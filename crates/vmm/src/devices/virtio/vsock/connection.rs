@@ -16,14 +16,22 @@ use super::packet::{Header, TYPE_STREAM};
 /// How long a closing connection waits for the guest's RST before the VMM resets it.
 pub const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How long a host CONNECT waits for the guest's answer once the guest has been handed the
+/// request and has then fallen silent. A guest kernel answers at once (RST when nothing
+/// listens); one that never answers would otherwise leave the host process waiting forever.
+/// Longer than Firecracker's 2 s: guests whose kernel code is emulated, or nested, are slow.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Receive buffer each connection advertises to the guest.
 pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
 
 /// Where a connection is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
-    /// The host side asked (CONNECT); waiting for the guest's RESPONSE.
-    LocalInit,
+    /// The host side asked (CONNECT); waiting for the guest's RESPONSE. Holds when the guest
+    /// took the REQUEST from its RX queue (none while it waits for a buffer): the
+    /// [`CONNECT_TIMEOUT`] counts from there, so a guest still booting is not held to it.
+    LocalInit(Option<std::time::Instant>),
     /// Data may flow.
     Established,
     /// The host closed its socket; SHUTDOWN sent at the given time, waiting for the guest's

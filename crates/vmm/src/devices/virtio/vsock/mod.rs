@@ -100,12 +100,14 @@ pub struct Vsock {
     /// would wake the loop again at once, forever. `accept_retry` puts it back.
     listener_paused: bool,
     accept_retry: vmm_sys_util::timerfd::TimerFd,
-    /// Fires when the first closing or draining connection times out, so a guest that falls
-    /// silent cannot pin host sockets: without it the timeout was only looked at when some
-    /// other vsock event happened to come.
-    close_timer: vmm_sys_util::timerfd::TimerFd,
-    /// When `close_timer` is armed for, if it is.
-    close_deadline: Option<std::time::Instant>,
+    /// Fires at the first connection deadline (see [`Vsock::deadline`]), so a guest that
+    /// falls silent cannot pin host sockets: without it deadlines would only be looked at
+    /// when some other vsock event happened to come.
+    deadline_timer: vmm_sys_util::timerfd::TimerFd,
+    /// When `deadline_timer` is armed for, if it is.
+    armed_deadline: Option<std::time::Instant>,
+    /// When the guest last notified its TX queue: its sign of life for REQUEST timeouts.
+    guest_sent: std::time::Instant,
     metrics: Arc<VsockMetrics>,
 }
 
@@ -137,9 +139,10 @@ impl Vsock {
             next_local_port: FIRST_LOCAL_PORT,
             orphans: Vec::new(),
             listener_paused: false,
-            close_timer: crate::rate_limiter::nonblocking_timer()
+            deadline_timer: crate::rate_limiter::nonblocking_timer()
                 .map_err(|e| VsockError::EventFd(std::io::Error::from_raw_os_error(e.errno())))?,
-            close_deadline: None,
+            armed_deadline: None,
+            guest_sent: std::time::Instant::now(),
             accept_retry: crate::rate_limiter::nonblocking_timer()
                 .map_err(|e| VsockError::EventFd(std::io::Error::from_raw_os_error(e.errno())))?,
             metrics,
@@ -280,7 +283,8 @@ impl Vsock {
                     return;
                 }
                 let local = self.allocate_local_port();
-                let mut conn = Connection::new(handshake.stream, local, port, State::LocalInit);
+                let mut conn =
+                    Connection::new(handshake.stream, local, port, State::LocalInit(None));
                 let request = conn.header(self.cid, op::REQUEST, 0, 0);
                 Self::watch(ops, fd);
                 self.by_fd.insert(fd, (local, port));
@@ -305,7 +309,7 @@ impl Vsock {
         if events.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP) {
             conn.readable = true;
         }
-        if conn.state == State::LocalInit && events.contains(EventSet::HANG_UP) {
+        if matches!(conn.state, State::LocalInit(_)) && events.contains(EventSet::HANG_UP) {
             // The host process gave up before the guest answered its CONNECT. Nothing reads
             // a LocalInit socket, so this is the only notice: without it the connection would
             // hold its slot until the guest answered, which it may never do.
@@ -348,7 +352,7 @@ impl Vsock {
                 conn.readable = false;
                 push_control(&mut self.control, &self.metrics, shutdown);
             }
-            State::LocalInit | State::Closing(_) | State::Draining(_) => {
+            State::LocalInit(_) | State::Closing(_) | State::Draining(_) => {
                 let rst = self.rst(key.0, key.1);
                 push_control(&mut self.control, &self.metrics, rst);
                 self.remove_conn(key, ops);
@@ -356,53 +360,71 @@ impl Vsock {
         }
     }
 
-    /// Resets connections whose guest never acknowledged our SHUTDOWN, so a silent guest
-    /// cannot pin host sockets forever.
-    fn reset_stale_closing(&mut self, ops: &mut EventOps) {
-        let stale: Vec<ConnKey> = self
+    /// When `conn` must be given up on, if it waits on the guest: the guest never answered
+    /// our REQUEST or never acknowledged our SHUTDOWN, or the host stopped taking the data
+    /// of a connection the guest closed.
+    ///
+    /// A REQUEST's timeout counts from the later of its delivery and the guest's last
+    /// transmission: a guest busy on other connections (or starved of CPU with them) is
+    /// alive and will answer; one that has gone silent will not.
+    fn deadline(conn: &Connection, guest_sent: std::time::Instant) -> Option<std::time::Instant> {
+        match conn.state {
+            State::LocalInit(Some(since)) => {
+                Some(since.max(guest_sent) + connection::CONNECT_TIMEOUT)
+            }
+            State::Closing(since) | State::Draining(since) => {
+                Some(since + connection::CLOSE_TIMEOUT)
+            }
+            State::LocalInit(None) | State::Established => None,
+        }
+    }
+
+    /// Resets connections past their [`Vsock::deadline`], so a silent guest cannot pin host
+    /// sockets (or leave a host process waiting on its CONNECT) forever.
+    fn reset_expired(&mut self, ops: &mut EventOps) {
+        let now = std::time::Instant::now();
+        let expired: Vec<ConnKey> = self
             .conns
             .iter()
-            .filter(|(_, c)| {
-                matches!(c.state, State::Closing(since) | State::Draining(since)
-                    if since.elapsed() > connection::CLOSE_TIMEOUT)
-            })
+            .filter(|(_, c)| Self::deadline(c, self.guest_sent).is_some_and(|at| now > at))
             .map(|(key, _)| *key)
             .collect();
-        for key in stale {
+        for key in expired {
+            if let Some(conn) = self.conns.get(&key) {
+                if matches!(conn.state, State::LocalInit(_)) {
+                    tracing::debug!("vsock: the guest did not answer CONNECT {} in time", key.1);
+                    self.metrics.inc_conn_timeouts();
+                }
+            }
             let rst = self.rst(key.0, key.1);
             push_control(&mut self.control, &self.metrics, rst);
             self.remove_conn(key, ops);
         }
     }
 
-    /// Arms `close_timer` for the first closing or draining connection's timeout (or disarms
-    /// it); a timer that is already right is left alone.
-    fn arm_close_timer(&mut self) {
+    /// Arms `deadline_timer` for the first connection deadline (or disarms it); a timer that
+    /// is already right is left alone.
+    fn arm_deadline_timer(&mut self) {
         let deadline = self
             .conns
             .values()
-            .filter_map(|c| match c.state {
-                State::Closing(since) | State::Draining(since) => {
-                    Some(since + connection::CLOSE_TIMEOUT)
-                }
-                _ => None,
-            })
+            .filter_map(|c| Self::deadline(c, self.guest_sent))
             .min();
-        if deadline == self.close_deadline {
+        if deadline == self.armed_deadline {
             return;
         }
         let armed = match deadline {
             Some(at) => {
-                // Just past the deadline: the timeout is "more than CLOSE_TIMEOUT".
+                // Just past the deadline: a timeout is "more than" its duration.
                 let wait = at.saturating_duration_since(std::time::Instant::now())
                     + std::time::Duration::from_millis(1);
-                self.close_timer.reset(wait, None)
+                self.deadline_timer.reset(wait, None)
             }
-            None => self.close_timer.clear(),
+            None => self.deadline_timer.clear(),
         };
         match armed {
-            Ok(()) => self.close_deadline = deadline,
-            Err(e) => tracing::warn!("vsock: cannot arm the close timer: {e}"),
+            Ok(()) => self.armed_deadline = deadline,
+            Err(e) => tracing::warn!("vsock: cannot arm the deadline timer: {e}"),
         }
     }
 
@@ -430,7 +452,7 @@ impl Vsock {
         };
         conn.update_peer_credit(&header);
         match (header.op, conn.state) {
-            (op::RESPONSE, State::LocalInit) => {
+            (op::RESPONSE, State::LocalInit(_)) => {
                 conn.state = State::Established;
                 conn.readable = true;
                 let ok = format!("OK {}\n", conn.local_port);
@@ -521,6 +543,7 @@ impl Vsock {
     }
 
     fn process_tx(&mut self, ops: &mut EventOps) {
+        self.guest_sent = std::time::Instant::now();
         let Some(active) = self.active.as_mut() else {
             return;
         };
@@ -687,6 +710,14 @@ impl Vsock {
                 self.metrics.inc_invalid();
             } else {
                 self.metrics.add_rx(payload.len() as u64);
+                if header.op == op::REQUEST {
+                    let key = (header.src_port, header.dst_port);
+                    if let Some(conn) = self.conns.get_mut(&key) {
+                        if conn.state == State::LocalInit(None) {
+                            conn.state = State::LocalInit(Some(std::time::Instant::now()));
+                        }
+                    }
+                }
             }
             if let Err(e) = queue.add_used(memory, head, writer.bytes_written() as u32) {
                 broken = Some(format!("rx used ring: {e}"));
@@ -874,8 +905,8 @@ impl MutEventSubscriber for Vsock {
         if let Err(e) = ops.add(Events::new(&self.accept_retry, EventSet::IN)) {
             tracing::error!("vsock: cannot watch its accept timer: {e:?}");
         }
-        if let Err(e) = ops.add(Events::new(&self.close_timer, EventSet::IN)) {
-            tracing::error!("vsock: cannot watch its close timer: {e:?}");
+        if let Err(e) = ops.add(Events::new(&self.deadline_timer, EventSet::IN)) {
+            tracing::error!("vsock: cannot watch its deadline timer: {e:?}");
         }
     }
 
@@ -893,17 +924,17 @@ impl MutEventSubscriber for Vsock {
             self.accept_host_connections(ops);
         } else if fd == self.accept_retry.as_raw_fd() {
             self.resume_listener(ops);
-        } else if fd == self.close_timer.as_raw_fd() {
-            let _ = self.close_timer.wait();
-            self.close_deadline = None;
+        } else if fd == self.deadline_timer.as_raw_fd() {
+            let _ = self.deadline_timer.wait();
+            self.armed_deadline = None;
         } else if self.handshakes.contains_key(&fd) {
             self.progress_handshake(fd, ops);
         } else {
             self.host_socket_event(fd, events.event_set(), ops);
         }
-        self.reset_stale_closing(ops);
+        self.reset_expired(ops);
         self.process_rx(ops);
-        self.arm_close_timer();
+        self.arm_deadline_timer();
     }
 }
 
@@ -1317,6 +1348,93 @@ mod tests {
             "a silent guest's closing connection is reset after CLOSE_TIMEOUT"
         );
         assert_eq!(vsock.control.back().map(|h| h.op), Some(op::RST));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_connect_the_guest_took_but_never_answered_times_out_and_the_host_sees_eof() {
+        use vm_memory::{Bytes, GuestAddress};
+
+        let LoopedVsock {
+            dir,
+            path,
+            vsock,
+            mut manager,
+        } = LoopedVsock::new("connect-timeout");
+        let memory =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("guest memory");
+        let queues = vec![
+            queue_at(&memory, 0x1_0000, QUEUE_SIZE),
+            queue_at(&memory, 0x2_0000, QUEUE_SIZE),
+            queue_at(&memory, 0x3_0000, QUEUE_SIZE),
+        ];
+        // The guest posts a single RX buffer: one REQUEST reaches it, the other waits.
+        let mut descriptor = [0u8; 16];
+        descriptor[..8].copy_from_slice(&0x8_0000u64.to_le_bytes());
+        descriptor[8..12].copy_from_slice(&(HDR_SIZE as u32).to_le_bytes());
+        descriptor[12..14].copy_from_slice(&2u16.to_le_bytes());
+        memory
+            .write_slice(&descriptor, GuestAddress(0x1_0000))
+            .expect("descriptor");
+        memory
+            .write_obj(0u16, GuestAddress(0x1_1004))
+            .expect("ring");
+        memory.write_obj(1u16, GuestAddress(0x1_1002)).expect("idx");
+        let irq = EventFd::new(libc::EFD_NONBLOCK).expect("irqfd");
+        vsock
+            .lock()
+            .expect("vsock")
+            .activate(memory.clone(), queues, Arc::new(VirtioInterrupt::new(irq)))
+            .expect("activate");
+        let mut clients = connect_host_clients(&path, 2);
+        for client in &clients {
+            client
+                .set_read_timeout(Some(Duration::from_millis(50)))
+                .expect("read timeout");
+        }
+        assert!(run_until(&mut manager, &vsock, |v| v.conns.len() == 2));
+        let started = Instant::now();
+        // The guest never answers.
+        let deadline = started + connection::CONNECT_TIMEOUT + Duration::from_secs(3);
+        while vsock.lock().expect("vsock").conns.len() == 2 && Instant::now() < deadline {
+            manager.run_with_timeout(100).expect("event loop");
+        }
+        let waited = started.elapsed();
+        {
+            let vsock = vsock.lock().expect("vsock");
+            assert_eq!(vsock.conns.len(), 1, "the answered-never REQUEST timed out");
+            assert!(
+                waited >= connection::CONNECT_TIMEOUT,
+                "not before {waited:?}"
+            );
+            assert_eq!(
+                vsock.conns.values().next().map(|c| c.state),
+                Some(State::LocalInit(None)),
+                "a REQUEST still waiting for a guest buffer is not held to the timeout"
+            );
+            assert_eq!(vsock.control.back().map(|h| h.op), Some(op::RST));
+            assert_eq!(vsock.metrics.to_json()["conn_timeouts"], 1);
+        }
+        // The host process that was refused sees end of file, not "OK"; the other still waits.
+        let mut ended = 0;
+        for client in &mut clients {
+            let mut byte = [0u8; 1];
+            match client.read(&mut byte) {
+                Ok(0) => ended += 1,
+                Ok(_) => panic!("a host client got an answer from a silent guest"),
+                Err(e) => assert!(
+                    matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ),
+                    "{e}"
+                ),
+            }
+        }
+        assert_eq!(
+            ended, 1,
+            "exactly the timed-out client sees its socket closed"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
