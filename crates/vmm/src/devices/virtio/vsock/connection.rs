@@ -202,6 +202,8 @@ impl Connection {
 pub struct Handshake {
     /// Its socket.
     pub stream: UnixStream,
+    /// When it was accepted: the oldest gives way when too many are pending.
+    pub accepted: std::time::Instant,
     line: Vec<u8>,
 }
 
@@ -213,6 +215,7 @@ impl Handshake {
     pub fn new(stream: UnixStream) -> Self {
         Handshake {
             stream,
+            accepted: std::time::Instant::now(),
             line: Vec::new(),
         }
     }

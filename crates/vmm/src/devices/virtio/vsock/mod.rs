@@ -42,6 +42,10 @@ pub const MAX_CONNECTIONS: usize = 1024;
 /// Most control packets waiting for guest RX buffers (a few per connection at most when the
 /// guest behaves).
 pub const MAX_CONTROL_PACKETS: usize = 4 * MAX_CONNECTIONS;
+/// Most host connections still sending their `CONNECT` line. A handshake has no timeout (a
+/// person typing into socat is slow), so beyond this the oldest is closed: clients that
+/// connect and never write cannot hold descriptors without bound.
+pub const MAX_PENDING_HANDSHAKES: usize = 128;
 /// How long the listener rests after accept() ran out of descriptors or memory.
 const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 /// First port handed out to host-initiated connections.
@@ -213,6 +217,9 @@ impl Vsock {
                     if stream.set_nonblocking(true).is_err() {
                         continue;
                     }
+                    if self.handshakes.len() >= MAX_PENDING_HANDSHAKES {
+                        self.drop_oldest_handshake(ops);
+                    }
                     let fd = stream.as_raw_fd();
                     if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
                         tracing::warn!("vsock: cannot watch a host connection: {e:?}");
@@ -236,6 +243,20 @@ impl Vsock {
                     return;
                 }
             }
+        }
+    }
+
+    /// Closes the host connection that has waited longest without completing its CONNECT.
+    fn drop_oldest_handshake(&mut self, ops: &mut EventOps) {
+        let oldest = self
+            .handshakes
+            .iter()
+            .min_by_key(|(_, h)| h.accepted)
+            .map(|(fd, _)| *fd);
+        if let Some(fd) = oldest {
+            tracing::debug!("vsock: too many pending CONNECTs, closing the oldest");
+            Self::unwatch(ops, fd);
+            self.handshakes.remove(&fd);
         }
     }
 
@@ -1435,6 +1456,35 @@ mod tests {
             ended, 1,
             "exactly the timed-out client sees its socket closed"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn host_clients_that_never_send_connect_are_bounded_oldest_first() {
+        let LoopedVsock {
+            dir,
+            path,
+            vsock,
+            mut manager,
+        } = LoopedVsock::new("silent-clients");
+        let mut silent: Vec<UnixStream> = Vec::new();
+        for _ in 0..MAX_PENDING_HANDSHAKES + 8 {
+            silent.push(UnixStream::connect(&path).expect("connect"));
+            manager.run_with_timeout(0).expect("event loop");
+        }
+        assert!(run_until(&mut manager, &vsock, |v| {
+            v.handshakes.len() == MAX_PENDING_HANDSHAKES
+        }));
+        // The eight oldest were closed; the newest still wait for their CONNECT line.
+        for (i, client) in silent.iter_mut().enumerate() {
+            client.set_nonblocking(true).expect("nonblocking");
+            let mut byte = [0u8; 1];
+            let closed = matches!(client.read(&mut byte), Ok(0));
+            assert_eq!(closed, i < 8, "client {i} closed: {closed}");
+        }
+        // A well-behaved client still gets through.
+        let _client = connect_host_clients(&path, 1);
+        assert!(run_until(&mut manager, &vsock, |v| v.conns.len() == 1));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
