@@ -4,7 +4,7 @@
 //! cap, the file becomes `PATH.1` (replacing the previous one) and a new `PATH` starts. A
 //! write is never split between the two, so a file of framed records stays whole records.
 //! Readers take `PATH.1`, then `PATH`; a follower whose open file was renamed away reads it to
-//! its end and then opens the new `PATH` ([`reopen_if_rotated`]).
+//! its end and then opens the new `PATH` ([`catch_up_rotation`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -71,6 +71,29 @@ pub fn reopen_if_rotated(file: &File, path: &Path) -> Option<File> {
     File::open(path).ok()
 }
 
+/// For a follower that has read `file` (opened from `path`) to its end: if the log rotated
+/// since, everything it has not read yet, in order, and the file to follow from now on.
+///
+/// That is the rest of its own file (renamed away), then, if the log rotated more than once
+/// meanwhile, the previous part it never had open (parts rotated away before that are gone),
+/// then nothing of the new file, which the caller reads from its start.
+pub fn catch_up_rotation(file: &mut File, path: &Path) -> io::Result<Option<(Vec<u8>, File)>> {
+    let Some(new) = reopen_if_rotated(file, path) else {
+        return Ok(None);
+    };
+    let mut unread = Vec::new();
+    io::Read::read_to_end(file, &mut unread)?;
+    let id = |f: &File| f.metadata().map(|m| (m.dev(), m.ino()));
+    let (ours, current) = (id(file)?, id(&new)?);
+    if let Ok(mut previous) = File::open(rotated_path(path)) {
+        let theirs = id(&previous)?;
+        if theirs != ours && theirs != current {
+            io::Read::read_to_end(&mut previous, &mut unread)?;
+        }
+    }
+    Ok(Some((unread, new)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,6 +127,33 @@ mod tests {
             b"bbbbbbcc"
         );
         assert_eq!(std::fs::read(&path).expect("current"), b"dddddddddddd");
+    }
+
+    #[test]
+    fn a_follower_that_slept_through_two_rotations_reads_the_part_between() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("out.log");
+        let mut log = RotatingLog::open(&path, 10).expect("open");
+        log.write(b"aaaa").expect("write");
+        let mut reader = File::open(&path).expect("reader");
+        let mut seen = Vec::new();
+        reader.read_to_end(&mut seen).expect("read");
+        assert!(catch_up_rotation(&mut reader, &path)
+            .expect("no rotation")
+            .is_none());
+        log.write(b"AAAA").expect("write"); // still in the follower's file
+        log.write(b"bbbbbbbb").expect("write"); // rotates: the follower's file is part 1
+        log.write(b"cccccccc").expect("write"); // rotates again: "bbbbbbbb" is part 1
+        log.write(b"dd").expect("write");
+        let (unread, mut current) = catch_up_rotation(&mut reader, &path)
+            .expect("catch up")
+            .expect("rotated");
+        seen.extend_from_slice(&unread);
+        current.read_to_end(&mut seen).expect("read");
+        assert_eq!(seen, b"aaaaAAAAbbbbbbbbccccccccdd");
+        assert!(catch_up_rotation(&mut current, &path)
+            .expect("no rotation")
+            .is_none());
     }
 
     #[test]

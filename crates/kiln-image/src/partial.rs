@@ -268,6 +268,8 @@ impl Partial {
         self.file.sync_all().at(&self.path)?;
         fs::rename(&self.path, &self.dest).at(&self.dest)?;
         let _ = fs::remove_file(&self.meta);
+        // A checkpoint killed between writing and renaming its record leaves this behind.
+        let _ = fs::remove_file(record_tmp(&self.meta));
         if let Some(dir) = self.dest.parent() {
             sync_dir(dir)?;
         }
@@ -281,8 +283,14 @@ impl Partial {
     }
 }
 
+/// Where a checkpoint writes the next record before renaming it over `meta`.
+fn record_tmp(meta: &Path) -> PathBuf {
+    meta.with_extension("json.tmp")
+}
+
+/// Removes a partial file, its record and any record a killed checkpoint left half-made.
 fn remove_pair(path: &Path, meta: &Path) -> Result<()> {
-    for p in [meta, path] {
+    for p in [&record_tmp(meta), meta, path] {
         match fs::remove_file(p) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -307,7 +315,7 @@ impl Checkpoint {
         self.file.sync_data().at(&self.path)?;
         let bytes = serde_json::to_vec(&self.record)
             .map_err(|e| Error::Other(format!("serializing a partial-blob record: {e}")))?;
-        let tmp = self.meta.with_extension("json.tmp");
+        let tmp = record_tmp(&self.meta);
         let write = || -> std::io::Result<()> {
             let mut f = File::create(&tmp)?;
             f.write_all(&bytes)?;
@@ -415,9 +423,16 @@ mod tests {
             .expect("free");
         assert_eq!(p.resume().expect("resume"), 40_000);
         p.write_all(&data[40_000..]).expect("write");
+        // A checkpoint killed before renaming its record left its temp file.
+        let hex = digest_hex(&digest).expect("hex");
+        fs::write(partial.join(format!("{hex}.json.tmp")), b"{").expect("stale temp record");
         let path = p.finish().expect("finish");
         assert_eq!(fs::read(path).expect("blob"), data);
-        assert_eq!(fs::read_dir(&partial).expect("dir").count(), 0);
+        assert_eq!(
+            fs::read_dir(&partial).expect("dir").count(),
+            0,
+            "nothing of the partial is left, the temp record included"
+        );
     }
 
     #[test]

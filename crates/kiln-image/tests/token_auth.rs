@@ -586,7 +586,6 @@ fn bearer_token_auth() {
         eprintln!("SKIPPED bearer_token_auth: {reason}");
         return;
     }
-    let started = Instant::now();
     let registry = TokenRegistry::start();
 
     // The registry really speaks bearer: its challenge points at our token server.
@@ -754,11 +753,6 @@ fn bearer_token_auth() {
         "registry log:\n{log}"
     );
     assert!(kiln_image::logout(dir.path(), &registry.addr).expect("logout"));
-    assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "took {:?}",
-        started.elapsed()
-    );
 }
 
 /// An identity token from a Docker credential helper (user `<token>`) is traded for an access

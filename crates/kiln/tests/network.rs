@@ -122,9 +122,15 @@ fn address_of(record: &serde_json::Value) -> String {
     address.to_string()
 }
 
+/// Whether `pid` is a live process. A zombie (dead, not yet reaped by whoever inherited it)
+/// counts as gone.
 fn pid_alive(pid: i32) -> bool {
     // SAFETY: kill with signal 0 only checks for existence.
-    unsafe { libc::kill(pid, 0) == 0 }
+    let exists = unsafe { libc::kill(pid, 0) == 0 };
+    exists
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z")
 }
 
 #[test]
@@ -252,12 +258,16 @@ fn two_vms_get_different_addresses_and_reach_each_other() {
         "(nc -l -p 7000 > /tmp/got &) ; sleep 0.5",
     ]);
     assert!(out.status.success(), "{}", describe(&out));
+    // The listener may still be starting in a slow guest: a refused connect is retried.
     let out = root.kiln(&[
         "exec",
         "net-a",
         "sh",
         "-c",
-        &format!("echo hello-from-a | nc -w 5 {b} 7000"),
+        &format!(
+            "i=0; until echo hello-from-a | nc -w 5 {b} 7000; do \
+             i=$((i+1)); [ $i -ge 50 ] && exit 1; sleep 0.2; done"
+        ),
     ]);
     assert!(out.status.success(), "a connects to b: {}", describe(&out));
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -523,9 +523,12 @@ fn interactive_tty_session_through_a_pty() {
         "the window size reached the guest: {seen}"
     );
     // Ctrl-C interrupts the foreground command, not the session.
-    pty.type_in(b"sleep 100\r");
-    std::thread::sleep(Duration::from_secs(2));
+    // The marker is printed only once the shell runs the line, with the terminal back in
+    // cooked mode, where Ctrl-C is a signal (typed earlier, the line editor would take it).
+    pty.type_in(b"echo sl$((1))eeping; sleep 100\r");
+    pty.wait_for("sl1eeping");
     pty.type_in(&[3]);
+    pty.wait_for_prompt_after("sl1eeping");
     pty.type_in(b"echo after-$((1+1))\r");
     pty.wait_for("after-2");
     // Ctrl-D ends the shell; its status is kiln's.
@@ -800,7 +803,7 @@ fn logs_follow_streams_until_the_vm_exits() {
         "kiln/default",
         "sh",
         "-c",
-        "for i in 1 2 3; do echo line$i; sleep 1; done; exit 2",
+        "for i in 1 2 3; do echo line$i; sleep 2; done; exit 2",
     ]);
     assert!(out.status.success(), "{}", describe(&out));
     let out = root.kiln(&["logs", "-f", name]);
@@ -830,9 +833,10 @@ fn logs_follow_streams_until_the_vm_exits() {
         .0
         .duration_since(stamped[0].0)
         .expect("times in order");
+    // Stamps are taken when the host receives each line, so delivery jitter is allowed for.
     assert!(
-        spread >= Duration::from_millis(1500) && spread < Duration::from_secs(30),
-        "the guest slept 1 s between lines: {spread:?}"
+        spread >= Duration::from_millis(2500) && spread < Duration::from_secs(60),
+        "the guest slept 2 s between lines: {spread:?}"
     );
     // --since: from the second line's time on; a duration back from now covers all.
     let since = humantime::format_rfc3339_nanos(stamped[1].0).to_string();

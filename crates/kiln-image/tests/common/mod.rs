@@ -451,6 +451,9 @@ pub struct ProxyOptions {
     pub strip_range: bool,
     /// Answer requests for a range that does not start at 0 with `416` itself.
     pub refuse_ranges: bool,
+    /// Stop forwarding, holding the connection open, once a connection has sent this many
+    /// response bytes (a hung link): a pull is then caught mid-blob however slow the host.
+    pub stall_after: Option<u64>,
 }
 
 /// One request the proxy forwarded: its request line and its `Range` header.
@@ -649,6 +652,10 @@ fn forward_responses(
             Some(cut) => n.min(usize::try_from(cut.saturating_sub(sent)).unwrap_or(n)),
             None => n,
         };
+        let n = match options.stall_after {
+            Some(stall) => n.min(usize::try_from(stall.saturating_sub(sent)).unwrap_or(n)),
+            None => n,
+        };
         if client.write_all(&buf[..n]).is_err() {
             break;
         }
@@ -662,6 +669,11 @@ fn forward_responses(
             if options.down_after_cut {
                 state.go_down(options.outage);
             }
+            return;
+        }
+        if options.stall_after.is_some_and(|stall| sent >= stall) {
+            // Hung, not closed: the client sees neither data nor end of file.
+            std::thread::sleep(Duration::from_secs(3600));
             return;
         }
         if let Some(pause) = options.throttle {

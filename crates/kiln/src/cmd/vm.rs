@@ -11,7 +11,7 @@ use clap::Args;
 use kiln_engine::backend::{choose_backend, BackendChoice, NetworkMode};
 use kiln_engine::client::{Session, SessionEnd};
 use kiln_engine::control::{parse_output_log, LogRecord};
-use kiln_engine::logfile::{reopen_if_rotated, rotated_path};
+use kiln_engine::logfile::{catch_up_rotation, rotated_path};
 use kiln_engine::state::{VmRecord, VmStatus};
 use kiln_engine::vm::{CreateOptions, Engine, VmPaths};
 use kiln_image::{ProgressMode, PullOptions};
@@ -972,22 +972,25 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<u8> {
         if progressed {
             continue;
         }
-        if let Some(new) = file.as_ref().and_then(|f| reopen_if_rotated(f, &path)) {
-            // The supervisor moved our file aside: what it wrote there before the move is
-            // read first (the loop above), then the new file.
-            let mut rest = Vec::new();
-            if let Some(mut old) = file.replace(new) {
-                old.read_to_end(&mut rest)?;
+        if let Some(f) = file.as_mut() {
+            // The supervisor moved our file aside: what it wrote there (and in a part that
+            // came and went while we slept) is read first, then the new file.
+            if let Some((unread, new)) = catch_up_rotation(f, &path)? {
+                printer.feed(&unread)?;
+                file = Some(new);
+                continue;
             }
-            printer.feed(&rest)?;
-            continue;
         }
         let fresh = engine.get(&record.id);
         if !fresh.as_ref().is_ok_and(|r| r.status.is_active()) {
-            // One last read for output written just before the end.
+            // One last read for output written just before the end, across a last rotation.
             let mut rest = Vec::new();
-            if let Some(f) = file.as_mut() {
+            if let Some(mut f) = file.take() {
                 f.read_to_end(&mut rest)?;
+                if let Some((unread, mut new)) = catch_up_rotation(&mut f, &path)? {
+                    rest.extend_from_slice(&unread);
+                    new.read_to_end(&mut rest)?;
+                }
             }
             printer.feed(&rest)?;
             break;
