@@ -56,19 +56,11 @@ impl Registry {
                  package `docker-registry` (scripts/setup.sh does)"
             );
         }
-        let dir = tempfile::tempdir().expect("tempdir for the registry");
+        let mut dir = tempfile::tempdir().expect("tempdir for the registry");
         let storage = dir.path().join("storage");
         std::fs::create_dir_all(&storage).expect("registry storage dir");
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
-        let mut config = format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
-             storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-             http:\n  addr: {addr}\n  secret: kiln-test-secret\n",
-            storage.display()
-        );
-        if let Some((user, password)) = auth {
-            let htpasswd = dir.path().join("htpasswd");
+        let htpasswd = auth.map(|(user, password)| {
+            let path = dir.path().join("htpasswd");
             let out = Command::new("htpasswd")
                 .args(["-Bbn", user, password])
                 .output()
@@ -77,44 +69,82 @@ impl Registry {
                      (scripts/setup.sh does)",
                 );
             assert!(out.status.success(), "htpasswd failed: {out:?}");
-            std::fs::write(&htpasswd, &out.stdout).expect("writing htpasswd");
-            config.push_str(&format!(
-                "auth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n",
-                htpasswd.display()
-            ));
+            std::fs::write(&path, &out.stdout).expect("writing htpasswd");
+            path
+        });
+        // The port is free when chosen but the registry binds it a little later; if another
+        // test took it meanwhile, the registry exits and is started again on another one.
+        for attempt in 1.. {
+            let port = free_port();
+            let addr = format!("127.0.0.1:{port}");
+            let mut config = format!(
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
+                 storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
+                 http:\n  addr: {addr}\n  secret: kiln-test-secret\n",
+                storage.display()
+            );
+            if let Some(htpasswd) = &htpasswd {
+                config.push_str(&format!(
+                    "auth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n",
+                    htpasswd.display()
+                ));
+            }
+            let config_path = dir.path().join("config.yml");
+            std::fs::write(&config_path, config).expect("writing registry config");
+            let log = dir.path().join("registry.log");
+            let log_file = std::fs::File::create(&log).expect("registry log file");
+            let child = Command::new(REGISTRY_BIN)
+                .arg("serve")
+                .arg(&config_path)
+                .stdin(Stdio::null())
+                .stdout(log_file.try_clone().expect("dup log file"))
+                .stderr(log_file)
+                .spawn()
+                .expect("starting docker-registry");
+            let mut registry = Registry {
+                child,
+                addr,
+                storage: storage.clone(),
+                log,
+                auth: auth.map(|(u, p)| (u.to_string(), p.to_string())),
+                _dir: dir,
+            };
+            match registry.wait_ready() {
+                Ok(()) => return registry,
+                Err(exited) if attempt < 3 => {
+                    eprintln!("docker-registry {exited} on {}; retrying", registry.addr);
+                    dir = std::mem::replace(
+                        &mut registry._dir,
+                        tempfile::tempdir().expect("tempdir"),
+                    );
+                }
+                Err(exited) => panic!(
+                    "docker-registry {exited} on {}; log:\n{}",
+                    registry.addr,
+                    std::fs::read_to_string(&registry.log).unwrap_or_default()
+                ),
+            }
         }
-        let config_path = dir.path().join("config.yml");
-        std::fs::write(&config_path, config).expect("writing registry config");
-        let log = dir.path().join("registry.log");
-        let log_file = std::fs::File::create(&log).expect("registry log file");
-        let child = Command::new(REGISTRY_BIN)
-            .arg("serve")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("dup log file"))
-            .stderr(log_file)
-            .spawn()
-            .expect("starting docker-registry");
-        let registry = Registry {
-            child,
-            addr,
-            storage,
-            log,
-            auth: auth.map(|(u, p)| (u.to_string(), p.to_string())),
-            _dir: dir,
-        };
-        registry.wait_ready();
-        registry
+        unreachable!("the loop returns or panics")
     }
 
-    fn wait_ready(&self) {
+    /// Waits until this registry answers; `Err` if it exited first (its port was taken).
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("exited ({status})"));
+            }
             if let Ok(mut s) = TcpStream::connect(&self.addr) {
                 let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
                 let mut buf = [0u8; 12];
-                if s.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.") {
-                    return;
+                // Answering, and still ours: a registry that lost its port to another test's
+                // would have exited.
+                if s.read_exact(&mut buf).is_ok()
+                    && buf.starts_with(b"HTTP/1.")
+                    && matches!(self.child.try_wait(), Ok(None))
+                {
+                    return Ok(());
                 }
             }
             std::thread::sleep(Duration::from_millis(50));
