@@ -94,7 +94,7 @@ if [ "${KILN_RUN_BRIDGE:-1}" = 1 ]; then
     (
         while [ ! -f "$out/bridge.done" ]; do
             $IP -o link 2>/dev/null | grep -E ' kiln-[^:@ ]+' >>"$out/taps-seen"
-            sleep 0.5
+            sleep 0.1
         done
     ) &
     poller=$!
