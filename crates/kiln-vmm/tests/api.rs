@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{http_request, kvm_or_skip, TempDir, Vmm};
+use common::{http_request, kvm_or_skip, TempDir, Vmm, GUEST_TIMEOUT};
 use serde_json::{json, Value};
 
 /// Firecracker's getting-started kernel command line.
@@ -789,9 +789,7 @@ fn boot_counter(vmm: &Vmm) {
     );
     vmm.put_ok("/actions", r#"{"action_type":"InstanceStart"}"#);
     assert!(
-        vmm.stdout
-            .wait_for("counter: 1", Duration::from_secs(20))
-            .is_some(),
+        vmm.stdout.wait_for("counter: 1", GUEST_TIMEOUT).is_some(),
         "the counter guest did not print\nstdout:\n{}\nstderr:\n{}",
         vmm.stdout.text(),
         vmm.stderr.text()
@@ -874,7 +872,7 @@ fn boot_pre_boot_resources_are_refused_after_instance_start() {
     let last = last_count(&vmm);
     assert!(
         vmm.stdout
-            .wait_for(&format!("counter: {}", last + 2), Duration::from_secs(20))
+            .wait_for(&format!("counter: {}", last + 2), GUEST_TIMEOUT)
             .is_some(),
         "the guest did not continue after Resumed (last count {last})\nstdout:\n{}",
         vmm.stdout.text()
@@ -912,7 +910,7 @@ fn boot_hello_with_the_getting_started_sequence() {
     let mut vmm = start_vmm();
     getting_started(&vmm, &test_guests::guest("hello"));
     vmm.put_ok("/actions", r#"{"action_type":"InstanceStart"}"#);
-    let status = vmm.expect_exit(Duration::from_secs(30));
+    let status = vmm.expect_exit(GUEST_TIMEOUT);
     assert!(
         vmm.stdout.text().contains("Hello from a kiln test guest!"),
         "stdout:\n{}",
@@ -949,7 +947,7 @@ fn boot_after_a_failed_instance_start() {
     // The client can fix the configuration and start again.
     getting_started(&vmm, &test_guests::guest("hello"));
     vmm.put_ok("/actions", r#"{"action_type":"InstanceStart"}"#);
-    let status = vmm.expect_exit(Duration::from_secs(30));
+    let status = vmm.expect_exit(GUEST_TIMEOUT);
     assert!(
         vmm.stdout.text().contains("Hello from a kiln test guest!"),
         "stdout:\n{}",
@@ -979,7 +977,7 @@ fn boot_uses_the_configuration_the_api_reports() {
     vmm.put_ok("/actions", r#"{"action_type":"InstanceStart"}"#);
     assert!(
         vmm.stdout
-            .wait_for("bootinfo: done", Duration::from_secs(30))
+            .wait_for("bootinfo: done", GUEST_TIMEOUT)
             .is_some(),
         "bootinfo did not finish\nstdout:\n{}\nstderr:\n{}",
         vmm.stdout.text(),
@@ -1010,7 +1008,7 @@ fn boot_uses_the_configuration_the_api_reports() {
         vmm.stdout.text()
     );
     // bootinfo resets the machine when done, which ends the VMM cleanly.
-    let status = vmm.expect_exit(Duration::from_secs(30));
+    let status = vmm.expect_exit(GUEST_TIMEOUT);
     assert_eq!(status.code(), Some(0), "stderr:\n{}", vmm.stderr.text());
 }
 

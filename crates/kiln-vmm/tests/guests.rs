@@ -23,7 +23,7 @@ use serde_json::json;
 const BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
 /// How long a guest that ends by resetting may take; generous, since kernel-mode guest code
 /// may be emulated one instruction at a time.
-const EXIT_TIMEOUT: Duration = Duration::from_secs(180);
+const EXIT_TIMEOUT: Duration = common::GUEST_TIMEOUT;
 const SECTOR: usize = 512;
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -872,6 +872,23 @@ fn counters(vmm: &Vmm) -> Vec<u64> {
         .collect()
 }
 
+/// Waits until the VMM's stdout has not grown for `quiet` (or `limit` has passed); returns
+/// its length then.
+fn wait_until_quiet(vmm: &Vmm, quiet: Duration, limit: Duration) -> usize {
+    let deadline = Instant::now() + limit;
+    let mut len = vmm.stdout.len();
+    let mut since = Instant::now();
+    while since.elapsed() < quiet && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+        let now = vmm.stdout.len();
+        if now != len {
+            len = now;
+            since = Instant::now();
+        }
+    }
+    len
+}
+
 #[test]
 fn pause_stops_the_guest_resume_continues_it_and_sigterm_ends_the_vmm() {
     if !kvm_or_skip("pause_stops_the_guest_resume_continues_it_and_sigterm_ends_the_vmm") {
@@ -888,9 +905,10 @@ fn pause_stops_the_guest_resume_continues_it_and_sigterm_ends_the_vmm() {
 
     vmm.patch_ok("/vm", &json(&json!({"state": "Paused"})));
     assert_eq!(vmm.instance_info()["state"], "Paused");
-    // Output already in the pipe may still arrive; after that, nothing.
-    thread::sleep(Duration::from_millis(300));
-    let paused_len = vmm.stdout.len();
+    // Output already on its way (the VMM's stdout pipe, the collector thread) may still
+    // arrive, later on a loaded host: wait until nothing has come for 200 ms (giving up after
+    // 10 s, in which case the check below fails on the output that kept coming).
+    let paused_len = wait_until_quiet(&vmm, Duration::from_millis(200), Duration::from_secs(10));
     let paused_at = counters(&vmm)
         .last()
         .copied()

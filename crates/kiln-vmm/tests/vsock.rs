@@ -670,21 +670,35 @@ fn vsock_socket_file_is_removed_when_the_vmm_exits_after_guest_reset() {
     if !kvm_or_skip("vsock_socket_file_is_removed_when_the_vmm_exits_after_guest_reset") {
         return;
     }
+    const PORT: u32 = 5700;
+    // The guest listens and waits for one connection, so the VMM is certainly still up when
+    // the socket is checked; a guest with nothing to wait for may reset (and the VMM exit and
+    // remove the socket) before a loaded host gets to look.
     let mut vm = VsockVm::configure(
         "vs-cleanup",
         "vsock",
-        "kiln.mode=connect kiln.port=5700 kiln.conns=0",
+        &format!(
+            "kiln.mode=listen kiln.port={PORT} kiln.conns=1 kiln.send=100 kiln.recv=200 \
+             kiln.close=host kiln.timeout=600"
+        ),
     );
     vm.start();
-    // Checked as soon as InstanceStart has answered: this guest has nothing to wait for, and
-    // once it prints "ready" it may already be resetting the VM, socket and all.
+    vm.wait_line("vsock: listening");
     assert!(
         vm.uds.exists(),
-        "{} exists once the VM has started",
+        "{} exists while the VM runs",
         vm.uds.display()
     );
-    vm.wait_line("vsock: ready");
-    vm.wait_line("vsock: done");
+    // One exchange, then the host closes: the guest finishes its only connection and resets.
+    let (stream, host_port) = host_connect(&vm.uds, PORT).expect("CONNECT answered OK");
+    let ex = exchange(stream, pattern(seed_to_guest(host_port), 200), None);
+    assert_same_bytes(
+        &ex.received,
+        &pattern(seed_to_host(host_port), 100),
+        "guest → host",
+    );
+    let done = vm.wait_line("vsock: done");
+    assert_eq!(line_num(&done, "finished"), 1, "{done}");
     let status = vm.vmm.expect_exit(RUN_TIMEOUT);
     assert!(status.success(), "{status}");
     assert!(

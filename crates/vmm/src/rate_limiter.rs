@@ -214,8 +214,10 @@ mod tests {
             ops: None,
         }))
         .expect("limiter");
+        // A debt of 19 000 tokens at 50 per ms: the device waits 380 ms, far longer than a
+        // preemption between the two calls could last.
         assert!(
-            limiter.consume(5000),
+            limiter.consume(20_000),
             "a full bucket lets one request through"
         );
         assert!(
@@ -224,7 +226,7 @@ mod tests {
         );
         // The timer expires, and before the event loop gets to it the limiter is removed
         // (PATCH), which disarms the timer: the loop then handles a stale event.
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(600));
         limiter.update(&RateLimiterConfig {
             bandwidth: Some(bucket(0, None, 0)),
             ops: None,
@@ -258,10 +260,11 @@ mod tests {
             ops: None,
         });
         assert!(limiter.consume(4096), "the new limit is in force at once");
-        // A limit that still says wait arms the timer again for its own wait.
+        // A limit that still says wait arms the timer again for its own wait (one operation
+        // per hour, so the second one cannot be refilled in time however slow this thread).
         limiter.update(&RateLimiterConfig {
             bandwidth: None,
-            ops: Some(bucket(1, None, 1000)),
+            ops: Some(bucket(1, None, 3_600_000)),
         });
         assert!(limiter.consume(1));
         assert!(!limiter.consume(1));
@@ -283,8 +286,10 @@ mod tests {
 
     #[test]
     fn an_empty_bucket_blocks_until_refilled() {
+        // 1000 tokens per hour: one token per 3.6 s, so no preemption of this thread between
+        // the two calls can refill the token the second one needs.
         let mut limiter = RateLimiter::new(Some(&RateLimiterConfig {
-            bandwidth: Some(bucket(1000, None, 100)),
+            bandwidth: Some(bucket(1000, None, 3_600_000)),
             ops: None,
         }))
         .expect("limiter");

@@ -28,6 +28,11 @@ pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one API request may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a test guest may take to reach a line or to end (by resetting); generous, since
+/// kernel-mode guest code may be emulated one instruction at a time, at a speed that follows
+/// the host's load. A timeout is for a hung guest, not a measure of speed.
+pub const GUEST_TIMEOUT: Duration = Duration::from_secs(180);
+
 /// Why KVM cannot be used here, or `None` when `/dev/kvm` opens read-write.
 pub fn kvm_unavailable() -> Option<String> {
     match fs::OpenOptions::new()

@@ -1407,6 +1407,9 @@ mod tests {
             .expect("vsock")
             .activate(memory.clone(), queues, Arc::new(VirtioInterrupt::new(irq)))
             .expect("activate");
+        // Taken before the clients connect: the device delivers the REQUEST, and starts its
+        // deadline, inside `run_until`, so a later start would make `waited` come out short.
+        let started = Instant::now();
         let mut clients = connect_host_clients(&path, 2);
         for client in &clients {
             client
@@ -1414,9 +1417,8 @@ mod tests {
                 .expect("read timeout");
         }
         assert!(run_until(&mut manager, &vsock, |v| v.conns.len() == 2));
-        let started = Instant::now();
         // The guest never answers.
-        let deadline = started + connection::CONNECT_TIMEOUT + Duration::from_secs(3);
+        let deadline = Instant::now() + connection::CONNECT_TIMEOUT + Duration::from_secs(3);
         while vsock.lock().expect("vsock").conns.len() == 2 && Instant::now() < deadline {
             manager.run_with_timeout(100).expect("event loop");
         }
