@@ -234,6 +234,9 @@ struct Applier {
     touched: HashSet<Vec<u8>>,
     /// Directory times to set once the layer is complete (creating children changes them).
     dir_times: Vec<(Vec<u8>, Timestamps)>,
+    /// Times for directories the current entry's path needs but no entry described: the
+    /// entry's own, so that the same layers always give the same tree (not the unpack time).
+    implicit_dir_times: Timestamps,
     /// The last parent directory opened in this layer. Safe to reuse within a layer because a
     /// directory the layer walked through cannot be removed or replaced by that layer.
     parent_cache: Option<(Vec<u8>, OwnedFd)>,
@@ -256,6 +259,16 @@ impl Applier {
             root_mode: 0o755,
             touched: HashSet::new(),
             dir_times: Vec::new(),
+            implicit_dir_times: Timestamps {
+                last_access: Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                },
+                last_modification: Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                },
+            },
             parent_cache: None,
             stats: UnpackStats::default(),
             limit: None,
@@ -334,6 +347,19 @@ impl Applier {
         }
         let comps = split_path(raw_path)?;
         let key = comps.join(&b'/');
+        let mtime = Timespec {
+            tv_sec: entry
+                .header()
+                .mtime()
+                .ok()
+                .and_then(|t| i64::try_from(t).ok())
+                .unwrap_or(0),
+            tv_nsec: 0,
+        };
+        self.implicit_dir_times = Timestamps {
+            last_access: mtime,
+            last_modification: mtime,
+        };
 
         if let Some((last, parents)) = comps.split_last() {
             if last.starts_with(WHITEOUT) {
@@ -613,6 +639,8 @@ impl Applier {
                                 .map_err(|e| EntryError::io("open directory", e))?;
                             rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o755))
                                 .map_err(|e| EntryError::io("chmod", e))?;
+                            self.dir_times
+                                .push((walked.clone(), self.implicit_dir_times.clone()));
                             fd
                         }
                         Err(e) => return Err(EntryError::io("create parent directory", e)),
