@@ -327,6 +327,18 @@ fn madt_lists_one_enabled_local_apic_per_vcpu() {
     assert_reset_exit(info.status, &info.lines);
 }
 
+/// Writes `config` to `vm.json` in `dir` and returns the arguments that boot it without an
+/// API socket, as Firecracker's `--config-file ... --no-api` does.
+fn no_api_args(dir: &TempDir, config: &serde_json::Value) -> [OsString; 3] {
+    let path = dir.join("vm.json");
+    fs::write(&path, json(config)).expect("write config file");
+    [
+        OsString::from("--config-file"),
+        path.into_os_string(),
+        OsString::from("--no-api"),
+    ]
+}
+
 #[test]
 fn config_file_with_no_api_boots_the_configured_guest() {
     if !kvm_or_skip("config_file_with_no_api_boots_the_configured_guest") {
@@ -342,13 +354,7 @@ fn config_file_with_no_api_boots_the_configured_guest() {
         "drives": [],
         "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
     });
-    let path = dir.join("vm.json");
-    fs::write(&path, json(&config)).expect("write config file");
-    let args = [
-        OsString::from("--config-file"),
-        path.into_os_string(),
-        OsString::from("--no-api"),
-    ];
+    let args = no_api_args(&dir, &config);
     let mut vmm = Vmm::spawn(dir, args);
     let (status, lines) = run_to_exit(&mut vmm);
     let info = BootInfo::from_output(status, lines);
@@ -1077,13 +1083,7 @@ fn serial_input_far_larger_than_the_fifo_reaches_the_guest_whole_and_in_order() 
         },
         "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
     });
-    let path = dir.join("vm.json");
-    fs::write(&path, json(&config)).expect("write config file");
-    let args = [
-        OsString::from("--config-file"),
-        path.into_os_string(),
-        OsString::from("--no-api"),
-    ];
+    let args = no_api_args(&dir, &config);
     let (mut vmm, mut stdin) = Vmm::spawn_with_stdin(dir, args);
     // 16 KiB, 256 times the UART's FIFO, in one write before the guest even reads, then end
     // of input: the last bytes arrive together with the hang-up.

@@ -1123,6 +1123,32 @@ mod tests {
         queue
     }
 
+    /// RX, TX and event queues at 0x1_0000, 0x2_0000 and 0x3_0000.
+    fn vsock_queues(memory: &GuestMemoryMmap) -> Vec<Queue> {
+        vec![
+            queue_at(memory, 0x1_0000, QUEUE_SIZE),
+            queue_at(memory, 0x2_0000, QUEUE_SIZE),
+            queue_at(memory, 0x3_0000, QUEUE_SIZE),
+        ]
+    }
+
+    /// The guest posts one device-writable RX buffer (at 0x8_0000) of exactly a header's size.
+    fn post_header_sized_rx_buffer(memory: &GuestMemoryMmap) {
+        use vm_memory::{Bytes, GuestAddress};
+
+        let mut descriptor = [0u8; 16];
+        descriptor[..8].copy_from_slice(&0x8_0000u64.to_le_bytes());
+        descriptor[8..12].copy_from_slice(&(HDR_SIZE as u32).to_le_bytes());
+        descriptor[12..14].copy_from_slice(&2u16.to_le_bytes());
+        memory
+            .write_slice(&descriptor, GuestAddress(0x1_0000))
+            .expect("descriptor");
+        memory
+            .write_obj(0u16, GuestAddress(0x1_1004))
+            .expect("ring");
+        memory.write_obj(1u16, GuestAddress(0x1_1002)).expect("idx");
+    }
+
     type WithOpsFn = Box<dyn FnMut(&mut Vsock, &mut EventOps)>;
 
     /// Runs `f` on the device from inside the event manager, where an `EventOps` exists.
@@ -1149,11 +1175,7 @@ mod tests {
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("guest memory");
         // RX: a valid ring the guest never puts a buffer in. TX: one descriptor holding data
         // for a connection that does not exist, which earns an RST each time it is sent.
-        let queues = vec![
-            queue_at(&memory, 0x1_0000, QUEUE_SIZE),
-            queue_at(&memory, 0x2_0000, QUEUE_SIZE),
-            queue_at(&memory, 0x3_0000, QUEUE_SIZE),
-        ];
+        let queues = vsock_queues(&memory);
         let mut packet = request(1000, 52);
         packet.op = op::RW;
         memory
@@ -1201,7 +1223,7 @@ mod tests {
 
     #[test]
     fn an_rx_buffer_with_room_for_only_a_header_does_not_close_a_connection() {
-        use vm_memory::{Bytes, GuestAddress};
+        use vm_memory::GuestAddress;
 
         let dir = scratch_dir("small-rx");
         let path = dir.join("v.sock");
@@ -1209,11 +1231,7 @@ mod tests {
         let mut vsock = Vsock::new(GUEST_CID, &path, Arc::default()).expect("vsock");
         let memory =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("guest memory");
-        let queues = vec![
-            queue_at(&memory, 0x1_0000, QUEUE_SIZE),
-            queue_at(&memory, 0x2_0000, QUEUE_SIZE),
-            queue_at(&memory, 0x3_0000, QUEUE_SIZE),
-        ];
+        let queues = vsock_queues(&memory);
         let irq = EventFd::new(libc::EFD_NONBLOCK).expect("irqfd");
         vsock
             .activate(memory.clone(), queues, Arc::new(VirtioInterrupt::new(irq)))
@@ -1229,17 +1247,7 @@ mod tests {
                 let (mut host, _) = listener.accept().expect("accept");
                 host.write_all(b"hello").expect("host write");
                 // The guest posts one device-writable buffer of exactly a header's size.
-                let mut descriptor = [0u8; 16];
-                descriptor[..8].copy_from_slice(&0x8_0000u64.to_le_bytes());
-                descriptor[8..12].copy_from_slice(&(HDR_SIZE as u32).to_le_bytes());
-                descriptor[12..14].copy_from_slice(&2u16.to_le_bytes());
-                memory
-                    .write_slice(&descriptor, GuestAddress(0x1_0000))
-                    .expect("descriptor");
-                memory
-                    .write_obj(0u16, GuestAddress(0x1_1004))
-                    .expect("ring");
-                memory.write_obj(1u16, GuestAddress(0x1_1002)).expect("idx");
+                post_header_sized_rx_buffer(&memory);
                 vsock.process_rx(ops);
                 let state = vsock.conns.get(&(52, 1000)).map(|c| c.state);
                 let _ = done.send((
@@ -1374,7 +1382,7 @@ mod tests {
 
     #[test]
     fn a_connect_the_guest_took_but_never_answered_times_out_and_the_host_sees_eof() {
-        use vm_memory::{Bytes, GuestAddress};
+        use vm_memory::GuestAddress;
 
         let LoopedVsock {
             dir,
@@ -1384,23 +1392,9 @@ mod tests {
         } = LoopedVsock::new("connect-timeout");
         let memory =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("guest memory");
-        let queues = vec![
-            queue_at(&memory, 0x1_0000, QUEUE_SIZE),
-            queue_at(&memory, 0x2_0000, QUEUE_SIZE),
-            queue_at(&memory, 0x3_0000, QUEUE_SIZE),
-        ];
+        let queues = vsock_queues(&memory);
         // The guest posts a single RX buffer: one REQUEST reaches it, the other waits.
-        let mut descriptor = [0u8; 16];
-        descriptor[..8].copy_from_slice(&0x8_0000u64.to_le_bytes());
-        descriptor[8..12].copy_from_slice(&(HDR_SIZE as u32).to_le_bytes());
-        descriptor[12..14].copy_from_slice(&2u16.to_le_bytes());
-        memory
-            .write_slice(&descriptor, GuestAddress(0x1_0000))
-            .expect("descriptor");
-        memory
-            .write_obj(0u16, GuestAddress(0x1_1004))
-            .expect("ring");
-        memory.write_obj(1u16, GuestAddress(0x1_1002)).expect("idx");
+        post_header_sized_rx_buffer(&memory);
         let irq = EventFd::new(libc::EFD_NONBLOCK).expect("irqfd");
         vsock
             .lock()
