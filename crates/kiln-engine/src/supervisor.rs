@@ -138,7 +138,7 @@ pub fn run(kiln_root: &Path, id: &str, wait_attach: bool) -> Result<()> {
     }
     let _ = std::fs::remove_file(&paths.control);
     if spec.auto_remove {
-        let _ = std::fs::remove_dir_all(&paths.dir);
+        remove_vm_dir(&paths.dir);
         let _ = state.remove(&record.id);
     } else {
         state.update(&record.id, |r| {
@@ -152,6 +152,22 @@ pub fn run(kiln_root: &Path, id: &str, wait_attach: bool) -> Result<()> {
     }
     drop(lock_file);
     result.map(|_| ())
+}
+
+/// Removes a `--rm` VM's directory. A file still being created in it (by a thread of ours
+/// finishing up) makes one pass fail with "directory not empty": a few more passes, a moment
+/// apart, finish the job.
+fn remove_vm_dir(dir: &Path) {
+    for attempt in 0..10 {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) if attempt == 9 => {
+                tracing::warn!(dir = %dir.display(), "cannot remove the VM directory: {e}");
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
 }
 
 /// Appends a message from kiln itself to the main output log, as stderr.
@@ -359,9 +375,10 @@ fn run_vm(
     // The console: hypervisor stdout → console.log and console clients; clients → stdin.
     if let Some(stdout) = child.stdout.take() {
         let shared = shared.clone();
-        let path = paths.console.clone();
-        let max = spec.log_max_size;
-        std::thread::spawn(move || console_loop(stdout, &path, max, &shared));
+        // Opened here, not in the thread: a thread that ran late could create the file while
+        // a failed `--rm` VM's directory is being removed, and leave the directory behind.
+        let log = RotatingLog::open(&paths.console, spec.log_max_size).ok();
+        std::thread::spawn(move || console_loop(stdout, log, &shared));
     }
     *lock(&shared.console_input) = child.stdin.take();
 
@@ -587,8 +604,7 @@ fn stop_main(
 
 /// Copies the hypervisor's stdout (the guest's serial console) to `console.log` and to
 /// attached console clients.
-fn console_loop(mut stdout: impl Read, path: &Path, max: u64, shared: &Shared) {
-    let mut log = RotatingLog::open(path, max).ok();
+fn console_loop(mut stdout: impl Read, mut log: Option<RotatingLog>, shared: &Shared) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = match stdout.read(&mut buf) {

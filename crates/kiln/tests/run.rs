@@ -699,7 +699,11 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
         );
         let ps = root.kiln(&["ps", "-a", "-q"]);
         assert_eq!(text(&ps.stdout), "", "{args:?} left a VM record");
-        assert!(root.vm_dirs().is_empty(), "{args:?} left a VM directory");
+        assert!(
+            root.vm_dirs().is_empty(),
+            "{args:?} left a VM directory: {:?}",
+            root.vm_files()
+        );
     }
     // A name in use.
     let out = root.kiln(&["create", "--name", "taken", "kiln/default", "true"]);
@@ -709,7 +713,7 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
     assert_eq!(root.vm_dirs().len(), 1, "only the first VM exists");
     let out = root.kiln(&["rm", "taken"]);
     assert!(out.status.success(), "{}", describe(&out));
-    assert!(root.vm_dirs().is_empty());
+    assert!(root.vm_dirs().is_empty(), "left: {:?}", root.vm_files());
     // A hypervisor that cannot start: the foreground CLI says why, and --rm still cleans up.
     let out = root
         .command(&["run", "--rm", "--backend", "qemu", "kiln/default", "true"])
@@ -724,7 +728,7 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
     );
     let ps = root.kiln(&["ps", "-a", "-q"]);
     assert_eq!(text(&ps.stdout), "", "--rm removed the failed VM");
-    assert!(root.vm_dirs().is_empty());
+    assert!(root.vm_dirs().is_empty(), "left: {:?}", root.vm_files());
     // A hypervisor that starts and dies at once: its own words reach the user.
     let fake = root.dir.join("fake-qemu.sh");
     std::fs::write(
@@ -745,7 +749,7 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
         "{}",
         describe(&out)
     );
-    assert!(root.vm_dirs().is_empty());
+    assert!(root.vm_dirs().is_empty(), "left: {:?}", root.vm_files());
     assert_no_processes(&root.dir);
 }
 

@@ -423,19 +423,38 @@ fn start_attached(
     stdin: bool,
     tty: bool,
 ) -> anyhow::Result<u8> {
+    // Opened before the supervisor starts: it may fail and remove the directory (--rm) at
+    // once, and we must still be able to wait for it to finish doing so.
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(VmPaths::new(&record.dir).lock)
+        .ok();
+    // Waits until the supervisor has recorded the end (and removed the VM for --rm), so that
+    // nothing of a finished `run --rm` is left when kiln returns, on success or error.
+    let wait_for_supervisor = || {
+        if let Some(lock) = &lock {
+            let _ = rustix::fs::flock(lock, rustix::fs::FlockOperation::LockShared);
+        }
+    };
     let record = engine.start(record, true)?;
     let paths = VmPaths::new(&record.dir);
-    // Opened now: the supervisor may remove the directory (--rm) before we wait on it.
-    let lock = std::fs::File::open(&paths.lock).ok();
-    let session = Session::attach(&paths, stdin)?;
-    let end = follow(session, stdin, tty)?;
+    let end = match Session::attach(&paths, stdin)
+        .map_err(anyhow::Error::from)
+        .and_then(|session| follow(session, stdin, tty))
+    {
+        Ok(end) => end,
+        Err(e) => {
+            wait_for_supervisor();
+            return Err(e);
+        }
+    };
     if DETACHED.load(std::sync::atomic::Ordering::SeqCst) {
         return Ok(0);
     }
-    // Wait until the supervisor has recorded the end (and removed the VM for --rm).
-    if let Some(lock) = lock {
-        let _ = rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockShared);
-    }
+    wait_for_supervisor();
     report_end(&end)
 }
 

@@ -70,6 +70,28 @@ impl Root {
     }
 
     /// The VM directories under `vms/`.
+    /// Every path under `vms/`, relative to it: what a test that expects none shows.
+    pub fn vm_files(&self) -> Vec<String> {
+        fn walk(dir: &Path, base: &Path, out: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                out.push(
+                    path.strip_prefix(base)
+                        .unwrap_or(&path)
+                        .display()
+                        .to_string(),
+                );
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    walk(&path, base, out);
+                }
+            }
+        }
+        let base = self.dir.join("vms");
+        let mut out = Vec::new();
+        walk(&base, &base, &mut out);
+        out
+    }
+
     pub fn vm_dirs(&self) -> Vec<String> {
         std::fs::read_dir(self.dir.join("vms"))
             .map(|d| {
