@@ -234,6 +234,10 @@ struct Applier {
     touched: HashSet<Vec<u8>>,
     /// Directory times to set once the layer is complete (creating children changes them).
     dir_times: Vec<(Vec<u8>, Timestamps)>,
+    /// Times of existing directories the current layer changes without describing them, as
+    /// they were before: restored at the end of the layer (before `dir_times`, so an entry
+    /// that does describe one wins), so the time of the unpack never shows in the tree.
+    kept_dir_times: Vec<(Vec<u8>, Timestamps)>,
     /// Times for directories the current entry's path needs but no entry described: the
     /// entry's own, so that the same layers always give the same tree (not the unpack time).
     implicit_dir_times: Timestamps,
@@ -259,6 +263,7 @@ impl Applier {
             root_mode: 0o755,
             touched: HashSet::new(),
             dir_times: Vec::new(),
+            kept_dir_times: Vec::new(),
             implicit_dir_times: Timestamps {
                 last_access: Timespec {
                     tv_sec: 0,
@@ -307,6 +312,10 @@ impl Applier {
             path: layer.path.clone(),
             source,
         };
+        // The root is never walked through: it keeps its times like any directory the
+        // layer changes without describing.
+        let root_times = dir_times_now(self.root.as_fd()).map_err(layer_err)?;
+        self.kept_dir_times.push((Vec::new(), root_times));
         let mut archive = tar::Archive::new(reader);
         for entry in archive.entries().map_err(layer_err)? {
             let mut entry = entry.map_err(layer_err)?;
@@ -318,7 +327,8 @@ impl Applier {
                     reason,
                 })?;
         }
-        for (key, times) in std::mem::take(&mut self.dir_times) {
+        let kept = std::mem::take(&mut self.kept_dir_times);
+        for (key, times) in kept.into_iter().chain(std::mem::take(&mut self.dir_times)) {
             let comps = split_key(&key);
             self.open_existing_dir(&comps)
                 .and_then(|fd| {
@@ -630,6 +640,7 @@ impl Applier {
                 walked.push(b'/');
             }
             walked.extend_from_slice(comp);
+            let mut created = false;
             let next = match fsops::open_dir(cur.as_fd(), comp) {
                 Ok(fd) => fd,
                 Err(e) if e.raw_os_error() == Some(Errno::NOENT.raw_os_error()) && create => {
@@ -641,6 +652,7 @@ impl Applier {
                                 .map_err(|e| EntryError::io("chmod", e))?;
                             self.dir_times
                                 .push((walked.clone(), self.implicit_dir_times.clone()));
+                            created = true;
                             fd
                         }
                         Err(e) => return Err(EntryError::io("create parent directory", e)),
@@ -648,13 +660,31 @@ impl Applier {
                 }
                 Err(e) => return Err(classify_walk_error(cur.as_fd(), comp, &walked, e)),
             };
-            if create {
-                self.touched.insert(walked.clone());
+            if create && self.touched.insert(walked.clone()) && !created {
+                // First walked through in this layer, and not described by it (yet): it
+                // keeps the times it has now, whatever this layer creates or removes in it.
+                let times = dir_times_now(next.as_fd()).map_err(|e| EntryError::io("stat", e))?;
+                self.kept_dir_times.push((walked.clone(), times));
             }
             cur = next;
         }
         Ok(cur)
     }
+}
+
+/// The access and modification times `dir` has now.
+fn dir_times_now(dir: BorrowedFd<'_>) -> io::Result<Timestamps> {
+    let st = rustix::fs::fstat(dir)?;
+    Ok(Timestamps {
+        last_access: Timespec {
+            tv_sec: st.st_atime,
+            tv_nsec: st.st_atime_nsec as _,
+        },
+        last_modification: Timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec as _,
+        },
+    })
 }
 
 /// Turns a failed `open(O_NOFOLLOW|O_DIRECTORY)` into the reason an image author can act on.

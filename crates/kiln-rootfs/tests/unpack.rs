@@ -265,6 +265,35 @@ fn whiteouts_and_opaque_directories_across_three_layers() {
 }
 
 #[test]
+fn directories_a_layer_changes_without_describing_keep_their_times() {
+    if !is_root() {
+        return;
+    }
+    let tmp = TempDir::new("kept-times");
+    let l0 = Layer::new()
+        .dir("./")
+        .dir("etc/")
+        .file("etc/a", "a")
+        .file("etc/sub/f", "f")
+        .tar();
+    // No entry for ./, etc/ or etc/sub/: files added and whited out in each.
+    let l1 = Layer::new()
+        .file("top", "t")
+        .file("etc/b", "b")
+        .marker("etc/.wh.a")
+        .file("etc/sub/g", "g")
+        .tar();
+    let layers = write_layers(tmp.path(), vec![(l0, Compress::None), (l1, Compress::None)]);
+    let dest = tmp.join("rootfs");
+    Rootfs::unpack(&layers, &dest).expect("unpack");
+    assert_eq!(host_ls(&dest.join("etc")), vec!["b", "sub"]);
+    assert_eq!(meta(&dest).mtime(), MTIME as i64, "the root");
+    // Not the time of the unpack: the same layers always give the same tree.
+    assert_eq!(meta(&dest.join("etc")).mtime(), MTIME as i64, "etc");
+    assert_eq!(meta(&dest.join("etc/sub")).mtime(), MTIME as i64, "etc/sub");
+}
+
+#[test]
 fn directory_replaced_by_file_across_layers_then_back() {
     if !is_root() {
         return;
