@@ -8,6 +8,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kiln_image::oci::{Blob, BuiltImage, BuiltLayer, LayerBuilder};
@@ -101,6 +102,7 @@ impl Registry {
                 .stderr(log_file)
                 .spawn()
                 .expect("starting docker-registry");
+            kill_at_exit(child.id());
             let mut registry = Registry {
                 child,
                 addr,
@@ -276,7 +278,44 @@ impl Drop for Registry {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        forget_at_exit(self.child.id());
     }
+}
+
+/// Registries not dropped yet. A registry in a `static` (shared by the tests of a binary) is
+/// never dropped, so these are killed when the test process exits instead of outliving it.
+static LIVE_REGISTRIES: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+extern "C" fn kill_live_registries() {
+    // At exit: never wait for a lock a dying thread may hold.
+    if let Ok(pids) = LIVE_REGISTRIES.try_lock() {
+        for &pid in pids.iter() {
+            if let Ok(pid) = i32::try_from(pid) {
+                // SAFETY: SIGKILL to a child of ours that has not been reaped (a reaped one
+                // was removed from the list by its Drop), so the pid is still ours.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+fn kill_at_exit(pid: u32) {
+    static REGISTERED: std::sync::Once = std::sync::Once::new();
+    REGISTERED.call_once(|| {
+        // SAFETY: registers a plain function with no captured state.
+        unsafe { libc::atexit(kill_live_registries) };
+    });
+    LIVE_REGISTRIES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(pid);
+}
+
+fn forget_at_exit(pid: u32) {
+    LIVE_REGISTRIES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|&p| p != pid);
 }
 
 /// A layer with a few files whose content depends on `seed`, so digests differ per test.
