@@ -10,6 +10,24 @@ pub mod net;
 pub mod rng;
 pub mod vsock;
 
+/// Helpers the device unit tests share.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::GuestMemoryMmap;
+
+    /// A split queue of `size` entries laid out from `base` in `memory`.
+    pub fn queue_at(memory: &GuestMemoryMmap, base: u64, size: u16) -> Queue {
+        let mut queue = Queue::new(size).expect("queue");
+        queue.set_desc_table_address(Some(base as u32), Some(0));
+        queue.set_avail_ring_address(Some((base + 0x1000) as u32), Some(0));
+        queue.set_used_ring_address(Some((base + 0x2000) as u32), Some(0));
+        queue.set_ready(true);
+        assert!(queue.is_valid(memory));
+        queue
+    }
+}
+
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 

@@ -615,6 +615,7 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
+    use crate::devices::virtio::test_util::queue_at;
 
     const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
     const GUEST_MAC: [u8; 6] = [0x06, 0, 0, 0, 0, 2];
@@ -671,17 +672,6 @@ mod tests {
         frame.extend_from_slice(&[0; 6]);
         frame.extend_from_slice(&MMDS_IP);
         frame
-    }
-
-    /// A split queue of `size` entries laid out from `base` in `memory`.
-    fn queue_at(memory: &GuestMemoryMmap, base: u64, size: u16) -> Queue {
-        let mut queue = Queue::new(size).expect("queue");
-        queue.set_desc_table_address(Some(base as u32), Some(0));
-        queue.set_avail_ring_address(Some((base + 0x1000) as u32), Some(0));
-        queue.set_used_ring_address(Some((base + 0x2000) as u32), Some(0));
-        queue.set_ready(true);
-        assert!(queue.is_valid(memory));
-        queue
     }
 
     #[test]

@@ -968,6 +968,7 @@ mod tests {
     use event_manager::{EventManager, SubscriberOps};
 
     use super::*;
+    use crate::devices::virtio::test_util::queue_at;
 
     const GUEST_CID: u64 = 3;
 
@@ -1110,17 +1111,6 @@ mod tests {
         }
 
         fn process(&mut self, _events: Events, _ops: &mut EventOps) {}
-    }
-
-    /// A split queue of `size` entries laid out from `base` in `memory`.
-    fn queue_at(memory: &GuestMemoryMmap, base: u64, size: u16) -> Queue {
-        let mut queue = Queue::new(size).expect("queue");
-        queue.set_desc_table_address(Some(base as u32), Some(0));
-        queue.set_avail_ring_address(Some((base + 0x1000) as u32), Some(0));
-        queue.set_used_ring_address(Some((base + 0x2000) as u32), Some(0));
-        queue.set_ready(true);
-        assert!(queue.is_valid(memory));
-        queue
     }
 
     /// RX, TX and event queues at 0x1_0000, 0x2_0000 and 0x3_0000.
